@@ -1,0 +1,244 @@
+"""Consumer side: entry points for local apps, one pinned QUIC connection to the producer side."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from .bridge import StreamBridge
+from .config import RelayConfig
+from .connection import RelayQuicConnection, make_configuration
+from .counters import Counters
+from .errors import FramingError, RelayError
+from .framing import decode_datagram, encode_stream_header
+from .identity import Identity, fingerprint_of
+from .protocol import RelayProtocol
+from .udp import ClientFlowTable, UdpEntry
+
+logger = logging.getLogger("quic_relay")
+
+
+class _ClientProtocol(RelayProtocol):
+    def __init__(self, quic: RelayQuicConnection, client: RelayClient) -> None:
+        super().__init__(quic, config=client.config, counters=client.counters)
+        self.client = client
+
+    def expected_fingerprint(self) -> str | None:
+        return self.client.server_fingerprint
+
+    def datagram_frame_received(self, data: bytes) -> None:
+        try:
+            frame = decode_datagram(data)
+        except FramingError:
+            self.counters.dropped_datagrams += 1
+            return
+        self.client.flows.from_peer(frame)
+
+    def connection_terminated(self) -> None:
+        self.client.connection_ended(self)
+
+    def open_stream(self, bridge: StreamBridge, dest_index: int) -> None:
+        stream_id = self._quic.get_next_available_stream_id()
+        bridge.attach(self, stream_id, encode_stream_header(dest_index))
+
+
+class RelayClient:
+    """Consumer side of a relay. Reconnects (same identity and pin) when a new TCP connection
+    arrives after the QUIC connection ended; streams of the dead connection are closed."""
+
+    def __init__(
+        self,
+        *,
+        server: tuple[str, int],
+        server_name: str,
+        identity: Identity,
+        server_cert_pem: bytes,
+        config: RelayConfig,
+    ) -> None:
+        self.config = config
+        self.server = server
+        self.server_fingerprint = fingerprint_of(server_cert_pem)
+        self.quic_config = make_configuration(
+            is_client=True,
+            identity=identity,
+            config=config,
+            server_name=server_name,
+            server_cert_pem=server_cert_pem,
+        )
+        self._counters = Counters()
+        self.flows = ClientFlowTable(self._counters, config.udp_flow_idle_timeout, self._send_datagram)
+        self._protocol: _ClientProtocol | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._reconnect: asyncio.Task[None] | None = None
+        self._waiting: list[tuple[StreamBridge, int]] = []  # accepted while reconnecting
+        self._tcp_servers: list[asyncio.Server] = []
+        self._udp_entries: list[UdpEntry] = []
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        server: tuple[str, int],
+        server_name: str,
+        identity: Identity,
+        server_cert_pem: bytes,
+        config: RelayConfig | None = None,
+    ) -> RelayClient:
+        """Connect to the producer side; RelayError if the handshake fails or times out."""
+        client = cls(
+            server=server,
+            server_name=server_name,
+            identity=identity,
+            server_cert_pem=server_cert_pem,
+            config=config or RelayConfig(),
+        )
+        try:
+            await client._connect()
+        except BaseException:
+            client.flows.close()
+            raise
+        return client
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.server
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise RelayError(f"cannot resolve relay server {host}:{port}: {exc}") from exc
+        family, addr = infos[0][0], infos[0][4]
+        local: tuple[str, int] = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+        quic = RelayQuicConnection(configuration=self.quic_config)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _ClientProtocol(quic, self), local_addr=local
+        )
+        try:
+            await asyncio.wait_for(self._handshake(protocol, addr), self.config.handshake_timeout)
+        except (ConnectionError, TimeoutError, RelayError) as exc:
+            reason = protocol.close_reason or ("timed out" if isinstance(exc, TimeoutError) else str(exc))
+            protocol.close()
+            transport.close()
+            raise RelayError(f"QUIC handshake with relay server {host}:{port} failed: {reason}") from exc
+        except BaseException:
+            protocol.close()
+            transport.close()
+            raise
+        self._protocol, self._transport = protocol, transport
+        logger.info("connected to relay server %s:%d", host, port)
+
+    @staticmethod
+    async def _handshake(protocol: _ClientProtocol, addr: Any) -> None:
+        protocol.connect(addr)
+        await protocol.wait_connected()
+        if not protocol.authenticated:
+            raise RelayError(protocol.close_reason)
+        # The server checks our certificate after its side of the handshake; a round trip
+        # tells whether it accepted us.
+        await protocol.ping()
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    @property
+    def connected(self) -> bool:
+        protocol = self._protocol
+        return protocol is not None and protocol.authenticated and not protocol.terminated
+
+    async def add_tcp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
+        """Listen on host:port; each connection is relayed to destination `dest_index`."""
+
+        def make_bridge() -> StreamBridge:
+            return StreamBridge(
+                self._counters,
+                self.config.max_stream_buffer,
+                on_connected=lambda bridge: self._attach(bridge, dest_index),
+            )
+
+        server = await asyncio.get_running_loop().create_server(make_bridge, host, port)
+        self._tcp_servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def add_udp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
+        """Bind a UDP socket on host:port; each source address is one flow to `dest_index`."""
+        transport, entry = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: UdpEntry(self.flows, dest_index), local_addr=(host, port)
+        )
+        self._udp_entries.append(entry)
+        sockname = transport.get_extra_info("sockname")
+        return str(sockname[0]), int(sockname[1])
+
+    def _attach(self, bridge: StreamBridge, dest_index: int) -> None:
+        if self.connected and self._protocol is not None:
+            self._protocol.open_stream(bridge, dest_index)
+            return
+        assert bridge.transport is not None
+        bridge.transport.pause_reading()
+        self._waiting.append((bridge, dest_index))
+        self._start_reconnect()
+
+    def _send_datagram(self, data: bytes) -> None:
+        if self.connected and self._protocol is not None:
+            self._protocol.send_datagram(data)
+        else:
+            self._counters.dropped_datagrams += 1
+            self._start_reconnect()
+
+    def _start_reconnect(self) -> None:
+        if self._closed or (self._reconnect is not None and not self._reconnect.done()):
+            return
+        self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_now())
+
+    async def _reconnect_now(self) -> None:
+        logger.info("reconnecting to relay server %s:%d", *self.server)
+        try:
+            await self._connect()
+        except RelayError as exc:
+            logger.warning("%s", exc)
+            waiting, self._waiting = self._waiting, []
+            for bridge, _ in waiting:
+                bridge.abort()
+            return
+        waiting, self._waiting = self._waiting, []
+        for bridge, dest_index in waiting:
+            if not bridge.done and self._protocol is not None:
+                self._protocol.open_stream(bridge, dest_index)
+
+    def connection_ended(self, protocol: _ClientProtocol) -> None:
+        """The QUIC connection terminated: its streams are aborted; forget it."""
+        if protocol is self._protocol:
+            self._protocol = None
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+    async def close(self) -> None:
+        """Close entry points, relayed sockets and the QUIC connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        for server in self._tcp_servers:
+            server.close()
+        for entry in self._udp_entries:
+            if entry.transport is not None:
+                entry.transport.close()
+        self.flows.close()
+        for bridge, _ in self._waiting:
+            bridge.abort()
+        self._waiting.clear()
+        protocol, transport = self._protocol, self._transport
+        self._protocol, self._transport = None, None
+        if protocol is not None:
+            protocol.abort_streams()
+            protocol.close()  # sends CONNECTION_CLOSE right away
+        if transport is not None:
+            transport.close()
+        for server in self._tcp_servers:
+            await server.wait_closed()
+        logger.info("relay client closed")

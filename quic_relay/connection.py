@@ -1,0 +1,124 @@
+"""aioquic QuicConnection tuned for the relay, and the only place that touches aioquic internals.
+
+aioquic (1.7) lacks three things the relay needs, so this module reaches into private state,
+each in one small function, so that an aioquic upgrade has one place to check:
+- a server cannot ask for a client certificate except through the test-only
+  `tls.Context._request_client_certificate` flag, and the peer certificate is only kept in
+  `tls.Context._peer_certificate`;
+- `send_stream_data` and `send_datagram_frame` buffer without limit, so pacing reads the
+  stream sender's buffer and the pending-datagram queue;
+- the stream receive window doubles whenever half of it is used, whatever the application has
+  consumed, so it cannot apply backpressure; `_write_stream_limits` is replaced by a fixed
+  sliding window that stops moving while the stream's consumer is paused.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .config import RelayConfig
+from .identity import Identity
+
+MAX_DATAGRAM_FRAME_SIZE = 65536
+# Room left in a QUIC packet for header, AEAD tag, ACK and DATAGRAM framing; a DATAGRAM frame
+# larger than what fits in one packet would stay at the head of aioquic's queue forever.
+_DATAGRAM_OVERHEAD = 100
+# Pending DATAGRAM frames kept before new ones are dropped (UDP semantics: loss over delay).
+MAX_PENDING_DATAGRAMS = 1024
+
+
+def make_configuration(
+    *,
+    is_client: bool,
+    identity: Identity,
+    config: RelayConfig,
+    server_name: str | None = None,
+    server_cert_pem: bytes | None = None,
+) -> QuicConfiguration:
+    """QUIC/TLS 1.3 settings for one side; a client pins `server_cert_pem` as its only CA."""
+    quic_config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[config.alpn],
+        idle_timeout=config.idle_timeout,
+        max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+        max_datagram_size=config.max_datagram_size,
+        max_stream_data=config.max_stream_buffer,
+        max_data=4 * config.max_stream_buffer,
+        server_name=server_name,
+        congestion_control_algorithm="cubic",
+    )
+    quic_config.certificate = x509.load_pem_x509_certificate(identity.cert_pem)
+    quic_config.private_key = serialization.load_pem_private_key(identity.key_pem, password=None)
+    if is_client:
+        quic_config.cadata = server_cert_pem
+        quic_config.verify_mode = ssl.CERT_REQUIRED
+    return quic_config
+
+
+def max_datagram_payload(config: RelayConfig) -> int:
+    """Largest DATAGRAM frame payload (relay header included) that always fits in one packet."""
+    return config.max_datagram_size - _DATAGRAM_OVERHEAD
+
+
+class RelayQuicConnection(QuicConnection):
+    """QuicConnection with client-certificate requests and a pausable stream receive window."""
+
+    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self.receive_window = configuration.max_stream_data
+        # streams whose consumer (a TCP socket) has too much unsent data: their window is frozen
+        self.receive_paused: set[int] = set()
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            # aioquic only sends a CertificateRequest when this private flag is set; the peer
+            # certificate is then checked against the pinned fingerprint after the handshake.
+            self.tls._request_client_certificate = True
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        stream_id = stream.stream_id
+        if stream_id is None or not stream.max_stream_data_local or stream_id in self.receive_paused:
+            return
+        received = stream.receiver.highest_offset
+        if stream.max_stream_data_local - received < self.receive_window // 2:
+            stream.max_stream_data_local = received + self.receive_window
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+def stream_buffered(conn: QuicConnection, stream_id: int) -> int:
+    """Bytes aioquic holds for sending on `stream_id` (unsent plus unacknowledged)."""
+    stream = conn._streams.get(stream_id)
+    return 0 if stream is None else len(stream.sender._buffer)
+
+
+def pending_datagrams(conn: QuicConnection) -> int:
+    """DATAGRAM frames queued in aioquic and not yet sent."""
+    return len(conn._datagrams_pending)
+
+
+def peer_certificate_der(conn: QuicConnection) -> bytes | None:
+    """DER certificate the peer presented in the handshake, if any."""
+    cert = conn.tls._peer_certificate
+    return None if cert is None else cert.public_bytes(serialization.Encoding.DER)

@@ -1,0 +1,21 @@
+"""Traffic counters exposed by both relay sides."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Counters:
+    """Byte and connection counts of one relay side, as seen by its local apps."""
+
+    bytes_in: int = 0  # received from local apps (entry point / destination sockets)
+    bytes_out: int = 0  # delivered to local apps
+    connections: int = 0  # TCP connections / UDP flows opened so far
+    active: int = 0  # currently open
+    dropped_datagrams: int = 0  # undecodable, oversized or unroutable datagrams
+
+    def opened(self) -> None:
+        self.connections += 1
+        self.active += 1
+
+    def closed(self) -> None:
+        self.active -= 1

@@ -1,0 +1,188 @@
+"""asyncio glue shared by both relay sides: QUIC events to stream bridges and datagrams."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+
+from .bridge import StreamBridge
+from .config import RelayConfig
+from .connection import (
+    MAX_PENDING_DATAGRAMS,
+    RelayQuicConnection,
+    max_datagram_payload,
+    peer_certificate_der,
+    pending_datagrams,
+    stream_buffered,
+)
+from .counters import Counters
+
+logger = logging.getLogger("quic_relay")
+
+CONNECTION_UNAUTHORIZED = 0x1  # application close code: peer certificate does not match the pin
+
+
+class RelayProtocol(QuicConnectionProtocol):
+    """One QUIC connection of a relay. Subclasses handle new streams and datagrams.
+
+    Nothing a peer sends on streams or in datagrams is acted on before the handshake completed
+    and the peer certificate matched the pinned fingerprint (`authenticated`).
+    """
+
+    _quic: RelayQuicConnection
+
+    def __init__(self, quic: RelayQuicConnection, *, config: RelayConfig, counters: Counters) -> None:
+        super().__init__(quic)
+        self.config = config
+        self.counters = counters
+        self.authenticated = False
+        self.terminated = False
+        self.close_reason = ""
+        self._bridges: dict[int, StreamBridge] = {}
+        self._send_watch: dict[int, StreamBridge] = {}
+        self._max_datagram = max_datagram_payload(config)
+
+    # pinning
+
+    def expected_fingerprint(self) -> str | None:
+        """SHA-256 fingerprint the peer certificate must have; None refuses every peer."""
+        raise NotImplementedError
+
+    def peer_fingerprint(self) -> str | None:
+        der = peer_certificate_der(self._quic)
+        return None if der is None else hashlib.sha256(der).hexdigest()
+
+    def _check_peer(self) -> None:
+        expected = self.expected_fingerprint()
+        actual = self.peer_fingerprint()
+        if expected is not None and actual == expected:
+            self.authenticated = True
+            return
+        self.close_reason = "peer certificate not authorized" if actual else "peer sent no certificate"
+        logger.warning("refusing QUIC peer: %s (fingerprint %s)", self.close_reason, actual)
+        self.close(error_code=CONNECTION_UNAUTHORIZED, reason_phrase=self.close_reason)
+
+    # events
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self._check_peer()
+        elif isinstance(event, events.ConnectionTerminated):
+            self._terminated(event)
+        elif not self.authenticated:
+            return  # nothing from an unauthenticated peer is acted on
+        elif isinstance(event, events.StreamDataReceived):
+            bridge = self._bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.stream_data(event.data, event.end_stream)
+            else:
+                self.unknown_stream_data(event)
+        elif isinstance(event, events.StreamReset | events.StopSendingReceived):
+            bridge = self._bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.abort()
+            else:
+                self.forget_stream(event.stream_id)
+        elif isinstance(event, events.DatagramFrameReceived):
+            self.datagram_frame_received(event.data)
+
+    def unknown_stream_data(self, event: events.StreamDataReceived) -> None:
+        """Data on a stream with no bridge: a new stream, or one already forgotten."""
+
+    def datagram_frame_received(self, data: bytes) -> None:
+        """A DATAGRAM frame from the authenticated peer."""
+
+    def connection_terminated(self) -> None:
+        """Called once when the QUIC connection has ended, after all bridges were aborted."""
+
+    def _terminated(self, event: events.ConnectionTerminated) -> None:
+        if self.terminated:
+            return
+        self.terminated = True
+        if not self.close_reason:
+            self.close_reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+        logger.info("QUIC connection ended: %s", self.close_reason)
+        for bridge in list(self._bridges.values()):
+            bridge.abort()
+        self._bridges.clear()
+        self._send_watch.clear()
+        self.connection_terminated()
+
+    # stream operations used by the bridges
+
+    def register_stream(self, stream_id: int, bridge: StreamBridge) -> None:
+        self._bridges[stream_id] = bridge
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._bridges.pop(stream_id, None)
+        self._send_watch.pop(stream_id, None)
+        self._quic.receive_paused.discard(stream_id)
+
+    def stream_send(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if self.terminated:
+            return
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        except ValueError as exc:  # stream already finished or reset
+            logger.debug("stream %d: send failed: %s", stream_id, exc)
+            return
+        self._transmit_soon()
+
+    def stream_abort(self, stream_id: int, error_code: int) -> None:
+        """Reset our sending half and ask the peer to stop sending."""
+        if self.terminated:
+            return
+        for operation in (self._quic.reset_stream, self._quic.stop_stream):
+            try:
+                operation(stream_id, error_code)
+            except ValueError:
+                pass  # that half is already finished
+        self._transmit_soon()
+
+    def stream_buffered(self, stream_id: int) -> int:
+        return stream_buffered(self._quic, stream_id)
+
+    def watch_send_buffer(self, stream_id: int, bridge: StreamBridge) -> None:
+        """Resume `bridge` once the stream's send buffer is below half the high watermark."""
+        self._send_watch[stream_id] = bridge
+
+    def set_receive_paused(self, stream_id: int, paused: bool) -> None:
+        """Freeze (or move again) the stream's receive window; see RelayQuicConnection."""
+        if paused:
+            self._quic.receive_paused.add(stream_id)
+        elif stream_id in self._quic.receive_paused:
+            self._quic.receive_paused.discard(stream_id)
+            self._transmit_soon()
+
+    def transmit(self) -> None:
+        # Called after every received datagram and timer: acknowledgements free send buffers.
+        super().transmit()
+        if not self._send_watch:
+            return
+        low = self.config.max_stream_buffer // 2
+        for stream_id, bridge in list(self._send_watch.items()):
+            if stream_buffered(self._quic, stream_id) <= low:
+                del self._send_watch[stream_id]
+                bridge.resume_reading()
+
+    # datagrams
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue one DATAGRAM frame; False (and counted as dropped) if too big or queue full."""
+        if (
+            self.terminated
+            or len(data) > self._max_datagram
+            or pending_datagrams(self._quic) >= MAX_PENDING_DATAGRAMS
+        ):
+            self.counters.dropped_datagrams += 1
+            return False
+        self._quic.send_datagram_frame(data)
+        self._transmit_soon()
+        return True
+
+    def abort_streams(self) -> None:
+        for bridge in list(self._bridges.values()):
+            bridge.abort()
