@@ -239,7 +239,12 @@ class JoinResponse(betterproto.Message):
     """The producer side's per-session data-plane certificate (PEM)."""
 
     data_endpoints: List[str] = betterproto.string_field(4)
-    destination_count: int = betterproto.uint32_field(5)
+    destinations: List[str] = betterproto.string_field(5)
+    """
+    The producer application's addresses, for the consumer side's status; entry points map onto them
+     round-robin.
+    """
+
     num_conn: int = betterproto.uint32_field(6)
     server_name: str = betterproto.string_field(7)
     """TLS server name in the producer side's data-plane certificate."""

@@ -1,0 +1,1 @@
+"""The `scistream` command line."""

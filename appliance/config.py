@@ -1,0 +1,119 @@
+"""Appliance configuration: flags over `SCISTREAM_*` environment variables over a YAML file over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from appliance.errors import InvalidArgument
+from appliance.sessions.model import Address
+from appliance.sessions.ports import PortRange
+
+DEFAULT_CONTROL_PORT = 5000
+DEFAULT_PORT_RANGE = "5100-5200"
+DEFAULT_WIREGUARD_PORT = 51820
+
+
+class Settings(BaseSettings):
+    """Everything `scistream server` can be told.
+
+    Field `foo_bar` is flag `--foo-bar`, environment variable `SCISTREAM_FOO_BAR`, YAML key `foo_bar`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SCISTREAM_", extra="forbid")
+
+    listen: str = f"0.0.0.0:{DEFAULT_CONTROL_PORT}"
+    # Address peers and users reach this appliance at; goes into tickets and certificates.
+    advertise: str = ""
+    port_range: str = DEFAULT_PORT_RANGE
+    # Address data-plane sockets (entry points, data endpoints) bind to.
+    data_bind: str = "0.0.0.0"
+    state_dir: Path = Path("/var/lib/scistream")
+    auth: Literal["none", "tokens", "jwt"] = "tokens"
+    tokens_file: Path | None = None
+    jwks_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int = 0
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "info"
+    default_ttl: float = Field(default=24 * 3600, gt=0)
+    retention: float = Field(default=24 * 3600, ge=0)
+    wireguard_port: int = DEFAULT_WIREGUARD_PORT
+    peer_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: str) -> str:
+        PortRange.parse(value)
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        Address.parse(value, what="listen address")
+        return value
+
+    @property
+    def listen_address(self) -> Address:
+        return Address.parse(self.listen)
+
+    @property
+    def ports(self) -> PortRange:
+        return PortRange.parse(self.port_range)
+
+    @property
+    def advertise_host(self) -> str:
+        """The host peers use: --advertise, else the listen host unless it is a wildcard."""
+        if self.advertise:
+            return self.advertise
+        host = self.listen_address.host
+        return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+    @property
+    def advertise_address(self) -> str:
+        return str(Address(self.advertise_host, self.listen_address.port))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if _yaml_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_file),)
+        return sources
+
+
+_yaml_file: Path | None = None
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from flags (those not None), the environment and `config_file`; InvalidArgument if bad."""
+    global _yaml_file
+    if config_file is not None and not config_file.is_file():
+        raise InvalidArgument(f"config file {config_file} does not exist")
+    _yaml_file = config_file
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise InvalidArgument(f"invalid setting {where}: {first['msg']}") from None
+    finally:
+        _yaml_file = None

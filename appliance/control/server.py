@@ -1,0 +1,139 @@
+"""`scistream server`: wires settings, store, drivers, manager and services, then serves until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from importlib import resources
+
+import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpclib.events import RecvRequest, listen
+from grpclib.health.service import Health
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server
+
+from appliance.auth import build_authenticator
+from appliance.config import Settings
+from appliance.control.peer_client import GrpcPeerLink
+from appliance.control.services import ControlService, PeerService, authenticate_calls
+from appliance.control.tls import ensure_certificate, server_context
+from appliance.dataplane.base import Driver
+from appliance.dataplane.quic import QuicDriver
+from appliance.errors import Unavailable
+from appliance.metrics import serve_metrics
+from appliance.sessions.manager import Identity, PeerLink, SessionManager
+from appliance.sessions.model import Mode
+from appliance.sessions.ports import PortAllocator
+from appliance.sessions.store import SessionStore
+
+log = structlog.get_logger(__name__)
+
+
+def _descriptor_pool() -> descriptor_pool.DescriptorPool:
+    """Our proto files, for server reflection (betterproto does not register them)."""
+    pool = descriptor_pool.DescriptorPool()
+    data = resources.files("appliance.api").joinpath("descriptors.binpb").read_bytes()
+    for proto in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+        pool.Add(proto)
+    return pool
+
+
+def build_drivers() -> dict[Mode, Driver]:
+    return {Mode.QUIC: QuicDriver()}
+
+
+class Appliance:
+    """One running appliance. `start()` then `stop()`; usable in-process by tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: Server | None = None
+        self.manager: SessionManager | None = None
+        self._store: SessionStore | None = None
+        self.fingerprint = ""
+
+    async def start(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        authenticator = build_authenticator(
+            s.auth,
+            tokens_file=s.tokens_file,
+            jwks_file=s.jwks_file,
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+        )
+        if s.auth == "none":
+            structlog.contextvars.bind_contextvars(auth="NO_AUTH")
+            log.warning("NO_AUTH: authentication is disabled; anyone who reaches this port controls sessions")
+        ssl_context = None
+        if s.insecure:
+            log.warning("INSECURE: the control channel is plaintext; use only for development")
+        else:
+            hosts = [s.advertise_host, s.listen_address.host]
+            cert = ensure_certificate(s.state_dir, hosts, s.tls_cert, s.tls_key)
+            self.fingerprint = cert.fingerprint
+            ssl_context = server_context(cert)
+        self._store = SessionStore(s.state_dir / "sessions.db")
+        timeout = s.peer_timeout
+
+        def connect_peer(address: str, fingerprint: str) -> PeerLink:
+            return GrpcPeerLink(address, fingerprint, timeout)
+
+        self.manager = SessionManager(
+            store=self._store,
+            ports=PortAllocator(s.ports, s.data_bind),
+            drivers=build_drivers(),
+            connect_peer=connect_peer,
+            identity=Identity(s.advertise_address, self.fingerprint),
+            advertise_host=s.advertise_host,
+            default_ttl=s.default_ttl,
+            retention=s.retention,
+            peer_timeout=timeout,
+        )
+        control, peer = ControlService(self.manager), PeerService(self.manager)
+        health = Health({control: [], peer: []})
+        services = ServerReflection.extend([control, peer, health], pool=_descriptor_pool())
+        self.server = Server(services)
+        listen(self.server, RecvRequest, authenticate_calls(authenticator))
+        await self.manager.start()
+        address = s.listen_address
+        try:
+            await self.server.start(address.host, address.port, ssl=ssl_context, reuse_address=True)
+        except OSError as exc:
+            await self.manager.stop()
+            raise Unavailable(f"cannot listen on {address}: {exc.strerror}") from None
+        if s.metrics_port:
+            serve_metrics(self.manager, address.host, s.metrics_port)
+        log.info(
+            "appliance serving",
+            listen=str(address),
+            advertise=s.advertise_address,
+            fingerprint=self.fingerprint or "none (insecure)",
+            auth=s.auth,
+            port_range=str(s.ports),
+        )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        if self.manager is not None:
+            await self.manager.stop()
+        if self._store is not None:
+            self._store.close()
+        log.info("appliance stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Runs an appliance until SIGINT or SIGTERM, then stops it cleanly."""
+    appliance = Appliance(settings)
+    await appliance.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await appliance.stop()

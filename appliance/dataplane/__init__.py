@@ -1,0 +1,1 @@
+"""Data-plane drivers: one small interface (`Driver`, `Tunnel`), one module per mode."""

@@ -1,0 +1,82 @@
+"""The interface every data plane implements, chosen per session by its mode."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from appliance.sessions.model import Address, Mode, Protocol
+from appliance.sessions.ports import PortAllocator
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """This side's per-session data-plane identity."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    server_name: str
+
+
+@dataclass(frozen=True)
+class ProducerPlan:
+    """What a producer-side tunnel needs to start."""
+
+    session_id: str
+    protocol: Protocol
+    destinations: tuple[Address, ...]
+    credentials: Credentials
+    data_endpoints: tuple[Address, ...] = ()  # set when restoring: bind the same ports again
+
+
+@dataclass(frozen=True)
+class ConsumerPlan:
+    """What a consumer-side tunnel needs to start: ours, and what the producer side told us at Join."""
+
+    session_id: str
+    protocol: Protocol
+    credentials: Credentials
+    peer_cert_pem: bytes
+    peer_server_name: str
+    data_endpoints: tuple[Address, ...]
+    destination_count: int
+    num_conn: int
+    entry_ports: tuple[int, ...] = ()  # explicit ports, in order; missing ones come from the range
+    bind_host: str = ""
+
+
+@dataclass(frozen=True)
+class Counters:
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class Tunnel(abc.ABC):
+    """One side of one session's data plane; owns every socket, process or rule it made."""
+
+    @property
+    @abc.abstractmethod
+    def addresses(self) -> tuple[Address, ...]:
+        """Data endpoints (producer side) or entry points (consumer side), as bound."""
+
+    @abc.abstractmethod
+    def counters(self) -> Counters: ...
+
+    def authorize(self, peer_cert_pem: bytes) -> None:  # noqa: B027 - only producer tunnels need it
+        """Producer side: admit exactly this consumer side (called once Join is verified)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Frees everything; idempotent."""
+
+
+class Driver(abc.ABC):
+    mode: Mode
+
+    @abc.abstractmethod
+    async def open_producer(self, plan: ProducerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
+        """Reserves the data endpoint(s) and starts accepting the (future) consumer side."""
+
+    @abc.abstractmethod
+    async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
+        """Reaches the producer side's data endpoint and binds the entry points."""
