@@ -1,0 +1,61 @@
+"""The SQLite session store: durable records, secrets kept 0600 and dropped when a session ends."""
+
+import stat
+from pathlib import Path
+
+from appliance.sessions.model import Address, Mode, Protocol, Session, Side, State
+from appliance.sessions.store import SessionSecrets, SessionStore
+
+
+def _session(session_id: str = "s1") -> Session:
+    return Session(
+        session_id,
+        Side.PRODUCER,
+        Mode.QUIC,
+        Protocol.UDP,
+        owner="alice",
+        destinations=(Address("10.0.0.1", 5000), Address("fd00::1", 6000)),
+        data_endpoints=(Address("198.18.0.1", 5100),),
+        created_at=1_700_000_000.0,
+    )
+
+
+SECRETS = SessionSecrets(secret=b"\x01" * 32, cert_pem=b"cert", key_pem=b"key", server_name="s1.session")
+
+
+def test_record_round_trips(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "db")
+    store.put(_session(), SECRETS)
+    assert store.get("s1") == _session()
+    assert store.secrets("s1") == SECRETS
+
+
+def test_records_survive_reopening(tmp_path: Path) -> None:
+    SessionStore(tmp_path / "db").put(_session(), SECRETS)
+    assert SessionStore(tmp_path / "db").get("s1") == _session()
+
+
+def test_database_file_is_private(tmp_path: Path) -> None:
+    SessionStore(tmp_path / "db")
+    assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o600
+
+
+def test_secrets_are_deleted_when_the_session_ends(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "db")
+    store.put(_session(), SECRETS)
+    store.put(_session().transition(State.RELEASED))
+    assert store.secrets("s1") is None
+    assert store.get("s1") is not None and store.get("s1").state is State.RELEASED  # type: ignore[union-attr]
+
+
+def test_ended_records_are_purged_after_retention(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "db")
+    ended = _session("old").transition(State.FAILED)
+    store.put(ended)
+    store.put(_session("live"))
+    assert store.purge_ended(before=ended.ended_at + 1) == 1
+    assert [s.session_id for s in store.all()] == ["live"]
+
+
+def test_unknown_session_is_none(tmp_path: Path) -> None:
+    assert SessionStore(tmp_path / "db").get("nope") is None
