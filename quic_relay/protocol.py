@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 
@@ -136,10 +137,8 @@ class RelayProtocol(QuicConnectionProtocol):
         if self.terminated:
             return
         for operation in (self._quic.reset_stream, self._quic.stop_stream):
-            try:
+            with contextlib.suppress(ValueError):  # that half is already finished
                 operation(stream_id, error_code)
-            except ValueError:
-                pass  # that half is already finished
         self._transmit_soon()
 
     def stream_buffered(self, stream_id: int) -> int:
