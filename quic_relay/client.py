@@ -24,6 +24,19 @@ class _ClientProtocol(RelayProtocol):
     def __init__(self, quic: RelayQuicConnection, client: RelayClient) -> None:
         super().__init__(quic, config=client.config, counters=client.counters)
         self.client = client
+        self._keepalive: asyncio.TimerHandle | None = None
+
+    def start_keepalive(self) -> None:
+        """PING every third of the idle timeout: an idle but healthy link stays up, while an
+        outage still ends the connection after the idle timeout (no packets come back)."""
+        self._keepalive = self._loop.call_later(self.config.idle_timeout / 3, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        if self.terminated:
+            return
+        self._quic.send_ping(0)
+        self.transmit()
+        self.start_keepalive()
 
     def expected_fingerprint(self) -> str | None:
         return self.client.server_fingerprint
@@ -36,7 +49,13 @@ class _ClientProtocol(RelayProtocol):
             return
         self.client.flows.from_peer(frame)
 
+    def stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
     def connection_terminated(self) -> None:
+        self.stop_keepalive()
         self.client.connection_ended(self)
 
     def open_stream(self, bridge: StreamBridge, dest_index: int) -> None:
@@ -127,6 +146,7 @@ class RelayClient:
             transport.close()
             raise
         self._protocol, self._transport = protocol, transport
+        protocol.start_keepalive()
         logger.info("connected to relay server %s:%d", host, port)
 
     @staticmethod
@@ -235,6 +255,7 @@ class RelayClient:
         protocol, transport = self._protocol, self._transport
         self._protocol, self._transport = None, None
         if protocol is not None:
+            protocol.stop_keepalive()
             protocol.abort_streams()
             protocol.close()  # sends CONNECTION_CLOSE right away
         if transport is not None:

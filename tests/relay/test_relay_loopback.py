@@ -430,7 +430,7 @@ async def test_memory_stays_bounded_when_the_destination_stops_reading(make_pair
     destination = await start_destination(slow_reader)
     config = RelayConfig(idle_timeout=5.0, max_stream_buffer=1024 * 1024)
     pair = await make_pair([destination.address], config)
-    reader, writer = await pair.tcp_entry()
+    _reader, writer = await pair.tcp_entry()
     chunk = os.urandom(1024 * 1024)
     total = 48 * 1024 * 1024
     rss_before = rss_bytes()
