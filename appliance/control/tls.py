@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ def ensure_certificate(
     if not (cert_file.is_file() and key_file.is_file()):
         tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1", "::1"]))
-        identity = generate_identity(names[0], sans=names[1:])
+        # A unique subject: clients may trust several appliances' certificates from one CA file, and
+        # OpenSSL picks the trust anchor by subject name.
+        identity = generate_identity(f"scistream-appliance-{secrets.token_hex(4)}", sans=names)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(identity.key_pem)

@@ -51,17 +51,20 @@ def bind_test(host: str, port: int, kind: socket.SocketKind) -> bool:
 
 @dataclass
 class PortAllocator:
-    """Hands out ports of `port_range` to sessions; lowest free port first, so ports are reused."""
+    """Hands out ports of `port_range` to sessions; lowest free port first, so ports are reused.
+
+    TCP and UDP ports are separate spaces: a session may use TCP 5100 while another uses UDP 5100.
+    """
 
     port_range: PortRange
     bind_host: str = "0.0.0.0"
-    _owners: dict[int, str] = field(default_factory=dict)
+    _owners: dict[tuple[socket.SocketKind, int], str] = field(default_factory=dict)
 
     def allocate(self, owner: str, kind: socket.SocketKind) -> int:
         """A free, bind-tested port for `owner`; ResourceExhausted when none is left."""
         for port in range(self.port_range.first, self.port_range.last + 1):
-            if port not in self._owners and bind_test(self.bind_host, port, kind):
-                self._owners[port] = owner
+            if (kind, port) not in self._owners and bind_test(self.bind_host, port, kind):
+                self._owners[kind, port] = owner
                 return port
         raise ResourceExhausted(f"no free port left in the data port range {self.port_range}")
 
@@ -71,23 +74,23 @@ class PortAllocator:
             raise InvalidArgument(f"port {port} is outside 1-65535")
         if in_range and port not in self.port_range:
             raise InvalidArgument(f"port {port} is outside the data port range {self.port_range}")
-        current = self._owners.get(port)
+        current = self._owners.get((kind, port))
         if current is not None and current != owner:
             raise AlreadyExists(f"port {port} belongs to another session")
         if current is None and not bind_test(self.bind_host, port, kind):
             raise AlreadyExists(f"port {port} is already in use on this host")
-        self._owners[port] = owner
+        self._owners[kind, port] = owner
         return port
 
     def release(self, owner: str) -> list[int]:
         """Frees every port of `owner`; returns them."""
-        freed = [port for port, who in self._owners.items() if who == owner]
-        for port in freed:
-            del self._owners[port]
-        return freed
+        freed = [key for key, who in self._owners.items() if who == owner]
+        for key in freed:
+            del self._owners[key]
+        return sorted(port for _, port in freed)
 
     def owned_by(self, owner: str) -> list[int]:
-        return sorted(port for port, who in self._owners.items() if who == owner)
+        return sorted(port for (_, port), who in self._owners.items() if who == owner)
 
     @property
     def in_use(self) -> int:

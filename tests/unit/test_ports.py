@@ -33,7 +33,7 @@ def test_ports_are_handed_out_lowest_first_and_reused_after_release() -> None:
     second = ports.allocate("s2", TCP)
     assert second == first + 1
     assert ports.release("s1") == [first]
-    assert ports.allocate("s3", UDP) == first
+    assert ports.allocate("s3", TCP) == first
 
 
 def test_exhausted_range_is_resource_exhausted() -> None:
@@ -67,3 +67,11 @@ def test_claim_outside_range_is_refused_when_range_required() -> None:
     ports = PortAllocator(port_range, "127.0.0.1")
     with pytest.raises(InvalidArgument):
         ports.claim("s1", port_range.last + 1, TCP, in_range=True)
+
+
+def test_tcp_and_udp_ports_are_separate_spaces() -> None:
+    ports = PortAllocator(_free_range(1), "127.0.0.1")
+    tcp = ports.allocate("s1", TCP)
+    assert ports.claim("s2", tcp, UDP) == tcp
+    with pytest.raises(AlreadyExists):
+        ports.claim("s3", tcp, TCP)
