@@ -26,6 +26,14 @@ logger = logging.getLogger("quic_relay")
 CONNECTION_UNAUTHORIZED = 0x1  # application close code: peer certificate does not match the pin
 
 
+def describe_close(event: events.ConnectionTerminated) -> str:
+    """Human-readable reason of a connection close; TLS alerts use QUIC codes 0x100-0x1ff."""
+    reason = event.reason_phrase or "no reason given"
+    if 0x100 <= event.error_code <= 0x1FF and event.frame_type is not None:
+        return f"TLS alert {event.error_code - 0x100}: {reason} (wrong pinned certificate or server name?)"
+    return f"{reason} (error 0x{event.error_code:x})"
+
+
 class RelayProtocol(QuicConnectionProtocol):
     """One QUIC connection of a relay. Subclasses handle new streams and datagrams.
 
@@ -104,7 +112,7 @@ class RelayProtocol(QuicConnectionProtocol):
             return
         self.terminated = True
         if not self.close_reason:
-            self.close_reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+            self.close_reason = describe_close(event)
         logger.info("QUIC connection ended: %s", self.close_reason)
         for bridge in list(self._bridges.values()):
             bridge.abort()

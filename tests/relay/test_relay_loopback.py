@@ -298,6 +298,16 @@ async def test_garbage_datagram_frames_are_dropped_and_counted(make_pair, udp_de
     assert await udp_echo_round_trip(pair, udp_dest, [b"after"]) == [b"echo:after"]
 
 
+async def test_oversized_udp_datagrams_are_dropped_and_counted(make_pair, udp_dest) -> None:
+    pair = await make_pair([udp_dest])
+    entry = await pair.client.add_udp_entry(HOST, 0, 0)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(UdpApp, remote_addr=entry)
+    transport.sendto(b"x" * 4000)
+    await wait_for_condition(lambda: pair.client.counters.dropped_datagrams == 1)
+    transport.close()
+    assert await udp_echo_round_trip(pair, udp_dest, [b"small"]) == [b"echo:small"]
+
+
 async def test_udp_flows_expire_when_idle(make_pair, udp_dest) -> None:
     config = RelayConfig(idle_timeout=5.0, handshake_timeout=3.0, udp_flow_idle_timeout=0.3)
     pair = await make_pair([udp_dest], config)
@@ -331,11 +341,18 @@ async def test_every_client_is_refused_until_authorize(server_identity, client_i
     assert echo_dest.connections == 0
 
 
+async def test_authorize_again_closes_connections_of_the_old_certificate(make_pair, echo_dest) -> None:
+    pair = await make_pair([echo_dest.address])
+    assert pair.client.connected
+    pair.server.authorize(generate_identity("replacement").cert_pem)
+    await wait_for_condition(lambda: not pair.client.connected)
+
+
 async def test_wrong_server_pin_fails_start(server_identity, client_identity, echo_dest) -> None:
     server = await start_server(server_identity, [echo_dest.address])
     server.authorize(client_identity.cert_pem)
     impostor_pin = generate_identity(SERVER_NAME).cert_pem
-    with pytest.raises(RelayError, match="handshake"):
+    with pytest.raises(RelayError, match=r"handshake.*TLS alert"):
         await start_client(server, client_identity, impostor_pin)
     await server.close()
 
