@@ -68,7 +68,7 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _join_items(request: api.JoinRequest) -> tuple[bytes | str, ...]:
+def join_transcript(request: api.JoinRequest) -> tuple[bytes | str, ...]:
     return (
         request.session_id,
         request.client_nonce,
@@ -299,7 +299,7 @@ class SessionManager:
                 raise NotFound(f"session {request.session_id} not found")
             if not self._nonces.consume(session.session_id, request.server_nonce):
                 raise PermissionDenied("join refused: stale or unknown challenge")
-            if not tk.verify(secrets.secret, request.proof, tk.JOIN_LABEL, *_join_items(request)):
+            if not tk.verify(secrets.secret, request.proof, tk.JOIN_LABEL, *join_transcript(request)):
                 raise PermissionDenied("join refused: the proof does not match the session secret")
             if not request.data_certificate:
                 raise InvalidArgument("join refused: no data-plane certificate")
@@ -364,7 +364,7 @@ class SessionManager:
             consumer_fingerprint=self._identity.fingerprint,
             data_certificate=credentials.cert_pem,
         )
-        request.proof = tk.mac(ticket.secret, tk.JOIN_LABEL, *_join_items(request))
+        request.proof = tk.mac(ticket.secret, tk.JOIN_LABEL, *join_transcript(request))
         response = await asyncio.wait_for(peer.join(request), timeout)
         if not tk.verify(ticket.secret, response.proof, tk.ACCEPT_LABEL, *_accept_items(request, response)):
             await self._send_leave(peer, ticket.secret, ticket.session_id, "producer proof invalid")

@@ -1,0 +1,86 @@
+"""Two real appliances in this process, on 127.0.0.1, with token auth and TLS, plus clients for them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.auth import add_token
+from appliance.cli.client import ApplianceClient, Target, connect
+from appliance.config import load_settings
+from appliance.control.channel import Trust
+from appliance.control.server import Appliance
+
+
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + size > 65535:
+            continue
+        try:
+            for port in range(first, first + size):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no free port block")
+
+
+@dataclass
+class Facility:
+    appliance: Appliance
+    address: str
+    ca_file: Path
+    tokens: dict[str, str]
+    port_range: tuple[int, int]
+
+    def client(self, subject: str | None = "alice") -> AbstractAsyncContextManager[ApplianceClient]:
+        token = self.tokens[subject] if subject else None
+        return connect(Target(self.address, Trust(ca_file=self.ca_file), token, timeout=15))
+
+
+async def start_facility(tmp_path: Path, name: str, ports: int = 8) -> Facility:
+    base = free_port_block(ports + 1)
+    state_dir = tmp_path / name
+    tokens_file = tmp_path / f"{name}-tokens.yaml"
+    tokens = {
+        "alice": add_token(tokens_file, "alice", []),
+        "bob": add_token(tokens_file, "bob", []),
+        "root": add_token(tokens_file, "root", ["admin"]),
+    }
+    settings = load_settings(
+        listen=f"127.0.0.1:{base}",
+        port_range=f"{base + 1}-{base + ports}",
+        data_bind="127.0.0.1",
+        state_dir=state_dir,
+        auth="tokens",
+        tokens_file=tokens_file,
+        peer_timeout=5.0,
+    )
+    appliance = Appliance(settings)
+    await appliance.start()
+    return Facility(
+        appliance, f"127.0.0.1:{base}", state_dir / "tls" / "control.crt", tokens, (base + 1, base + ports)
+    )
+
+
+@pytest.fixture
+async def facilities(tmp_path: Path) -> AsyncIterator[tuple[Facility, Facility]]:
+    """(producer side, consumer side)."""
+    a = await start_facility(tmp_path, "a")
+    b = await start_facility(tmp_path, "b")
+    try:
+        yield a, b
+    finally:
+        await b.appliance.stop()
+        await a.appliance.stop()
