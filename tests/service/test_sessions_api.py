@@ -104,7 +104,10 @@ async def test_counters_grow_with_traffic(facilities: Pair, echo_server: str) ->
     await _echo_through(joined.entry_points[0], b"x" * 100_000)
     async with facilities[1].client() as client:
         consumer = await client.get(joined.session_id)
+    async with facilities[0].client() as client:
+        producer = await client.get(created.session.session_id)
     assert consumer.bytes_in >= 100_000 and consumer.bytes_out >= 100_000
+    assert producer.bytes_in >= 100_000 and producer.bytes_out >= 100_000
 
 
 async def test_release_on_consumer_side_releases_both(facilities: Pair, echo_server: str) -> None:
