@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -84,3 +85,18 @@ async def facilities(tmp_path: Path) -> AsyncIterator[tuple[Facility, Facility]]
     finally:
         await b.appliance.stop()
         await a.appliance.stop()
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[str]:
+    """A producer app: a TCP echo server; yields its destination HOST:PORT."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()

@@ -68,6 +68,8 @@ async def test_sessions_come_back_after_a_restart(tmp_path: Path, echo_server: s
         async with b.client() as client:
             restored = await client.get(joined.session_id)
         assert restored.state == api.State.ACTIVE
+        async with a.client() as client:
+            assert (await client.get(created.session.session_id)).state == api.State.ACTIVE
         assert restored.entry_points == joined.entry_points
         assert await _echo_through(joined.entry_points[0], b"again") == b"again"
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,6 @@ from appliance.sessions.manager import join_transcript
 from .conftest import Facility, free_port_block, start_facility
 
 Pair = tuple[Facility, Facility]
-
-
-@pytest.fixture
-async def echo_server() -> AsyncIterator[str]:
-    """A producer app: a TCP echo server; yields its destination HOST:PORT."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    server.close()
 
 
 def _create(dest: str, **fields: object) -> api.CreateSessionRequest:
