@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from .topology import (
-    PORT_RANGE,
     Appliance,
+    ApplianceFactory,
     Facility,
     Topology,
     create_topology,
     destroy_topology,
     have_tools,
-    start_appliances,
     sweep,
 )
 
@@ -75,25 +74,6 @@ def facility_a(topology: Topology) -> Facility:
 @pytest.fixture
 def facility_b(topology: Topology) -> Facility:
     return topology.b
-
-
-class ApplianceFactory:
-    """Starts appliances in facilities; the fixture stops them all at teardown."""
-
-    def __init__(self) -> None:
-        self.started: list[Appliance] = []
-
-    def __call__(self, *facilities: Facility, port_range: str = PORT_RANGE) -> list[Appliance]:
-        appliances = [Appliance(f, port_range=port_range) for f in facilities]
-        self.started += appliances
-        start_appliances(*appliances)
-        return appliances
-
-    def stop_all(self) -> None:
-        for appliance in self.started:
-            appliance.stop()
-            # Shown by pytest only when the test failed.
-            print(f"--- log of the appliance in {appliance.facility.ns} ---\n{appliance.log_tail(60)}")
 
 
 @pytest.fixture

@@ -396,6 +396,25 @@ def start_appliances(*appliances: Appliance, timeout: float = 15) -> None:
         appliance.wait_healthy(timeout)
 
 
+class ApplianceFactory:
+    """Starts appliances in facilities; the fixture stops them all at teardown."""
+
+    def __init__(self) -> None:
+        self.started: list[Appliance] = []
+
+    def __call__(self, *facilities: Facility, port_range: str = PORT_RANGE) -> list[Appliance]:
+        appliances = [Appliance(f, port_range=port_range) for f in facilities]
+        self.started += appliances
+        start_appliances(*appliances)
+        return appliances
+
+    def stop_all(self) -> None:
+        for appliance in self.started:
+            appliance.stop()
+            # Shown by pytest only when the test failed.
+            print(f"--- log of the appliance in {appliance.facility.ns} ---\n{appliance.log_tail(60)}")
+
+
 def ports_of(addresses: Sequence[str]) -> list[int]:
     """The ports of "host:port" strings."""
     return [int(a.rsplit(":", 1)[1]) for a in addresses]
