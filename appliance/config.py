@@ -94,26 +94,22 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-        if _yaml_file is not None:
-            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_file),)
-        return sources
-
-
-_yaml_file: Path | None = None
+        # YamlConfigSettingsSource reads `yaml_file` from model_config; None means no file.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """Settings from flags (those not None), the environment and `config_file`; InvalidArgument if bad."""
-    global _yaml_file
     if config_file is not None and not config_file.is_file():
         raise InvalidArgument(f"config file {config_file} does not exist")
-    _yaml_file = config_file
+    # A subclass per load carries the file name, so no global state is shared between loads.
+    with_file = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": config_file}}
+    )
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
+        settings: Settings = with_file(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
         raise InvalidArgument(f"invalid setting {where}: {first['msg']}") from None
-    finally:
-        _yaml_file = None
+    return settings

@@ -108,6 +108,7 @@ class SessionManager:
         self._nonces = tk.NonceBook()
         self._changed = asyncio.Condition()
         self._lease_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -120,10 +121,11 @@ class SessionManager:
 
     async def stop(self) -> None:
         """Closes every tunnel; live records stay live so the next start restores them."""
-        if self._lease_task:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+        for task in [self._lease_task, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session_id in list(self._tunnels):
             await self._close_tunnel(session_id)
 
@@ -254,12 +256,8 @@ class SessionManager:
                 raise FailedPrecondition(f"session {session_id} is already {session.state}")
             secrets = self._store.secrets(session_id)
             session = await self._end(session, State.RELEASED, reason)
-        if secrets and session.peer_address and session.peer_session_id:
-            peer = self._connect_peer(session.peer_address, session.peer_fingerprint)
-            try:
-                await self._send_leave(peer, secrets.secret, session.peer_session_id, reason)
-            finally:
-                peer.close()
+        if secrets:
+            await self._tell_peer(session, secrets.secret, reason)
         return session
 
     def get(self, principal: Principal, session_id: str) -> Session:
@@ -373,6 +371,16 @@ class SessionManager:
             raise FailedPrecondition("the producer appliance sent no data endpoint")
         return response
 
+    async def _tell_peer(self, session: Session, secret: bytes, reason: str) -> None:
+        """Sends Leave for `session` to its peer appliance, if it has one (best effort)."""
+        if not (session.peer_address and session.peer_session_id):
+            return
+        peer = self._connect_peer(session.peer_address, session.peer_fingerprint)
+        try:
+            await self._send_leave(peer, secret, session.peer_session_id, reason)
+        finally:
+            peer.close()
+
     async def _send_leave(self, peer: PeerLink, secret: bytes, peer_session_id: str, reason: str) -> None:
         nonce, timestamp = tk.new_nonce(), int(time.time())
         request = api.LeaveRequest(
@@ -418,6 +426,11 @@ class SessionManager:
             session = session.transition(State.FAILED, f"not restored after restart: {reason}")
             self._store.put(session)
             log.warning("session not restored", session_id=session.session_id, reason=reason)
+            if secrets is not None:
+                # In the background: the peer may be restarting too, and start-up must not wait for it.
+                task = asyncio.create_task(self._tell_peer(session, secrets.secret, session.reason))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return
         self._tunnels[session.session_id] = tunnel
         log.info("session restored", session_id=session.session_id, state=session.state.value)

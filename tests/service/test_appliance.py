@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -125,3 +126,34 @@ async def test_no_auth_mode_marks_every_session_no_auth(tmp_path: Path, echo_ser
     finally:
         await appliance.stop()
     assert created.session.owner == "NO_AUTH"
+
+
+async def test_a_session_that_cannot_be_restored_fails_and_releases_its_peer(
+    tmp_path: Path, echo_server: str
+) -> None:
+    a = await start_facility(tmp_path, "a")
+    b = await start_facility(tmp_path, "b")
+    squatter = socket.socket()
+    try:
+        created, joined = await _open((a, b), echo_server)
+        await b.appliance.stop()
+        # Another program takes the entry point's port while the consumer appliance is down.
+        squatter.bind(("127.0.0.1", int(joined.entry_points[0].rsplit(":", 1)[1])))
+        squatter.listen()
+        b.appliance = Appliance(b.appliance.settings)
+        await b.appliance.start()
+        async with b.client() as client:
+            failed = await client.get(joined.session_id)
+        assert failed.state == api.State.FAILED and "not restored" in failed.reason
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            async with a.client() as client:
+                producer = await client.get(created.session.session_id)
+            if producer.state == api.State.RELEASED or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert producer.state == api.State.RELEASED
+    finally:
+        squatter.close()
+        await b.appliance.stop()
+        await a.appliance.stop()
