@@ -14,10 +14,11 @@ AUTH_KINDS = ("none", "tokens", "jwt")
 
 
 def _existing(path: Path | None, option: str, kind: str) -> Path:
+    flag = "--" + option.replace("_", "-")  # as the CLI and SCISTREAM_* settings spell it
     if path is None:
-        raise InvalidArgument(f"--auth {kind} needs {option}")
+        raise InvalidArgument(f"--auth {kind} needs {flag}")
     if not path.is_file():
-        raise InvalidArgument(f"{option} {path} does not exist or is not a file")
+        raise InvalidArgument(f"{flag} {path} does not exist or is not a file")
     return path
 
 

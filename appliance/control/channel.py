@@ -61,7 +61,8 @@ async def call(awaitable: Awaitable[T], what: str = "appliance") -> T:
     except TimeoutError:
         raise DeadlineExceeded(f"{what} did not answer in time") from None
     except ssl.SSLError as exc:
-        raise Unavailable(f"TLS with {what} failed: {exc.reason or exc}") from None
+        hint = " (is it running with --insecure?)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
+        raise Unavailable(f"TLS with {what} failed: {exc.reason or exc}{hint}") from None
     except (OSError, StreamTerminatedError) as exc:
         raise Unavailable(f"cannot reach {what}: {exc}") from None
     except ApplianceError:

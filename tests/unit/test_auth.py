@@ -304,7 +304,7 @@ def test_jwks_with_symmetric_key_is_refused(tmp_path: Path) -> None:
 # --- build_authenticator ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "option"), [("tokens", "tokens_file"), ("jwt", "jwks_file")])
+@pytest.mark.parametrize(("kind", "option"), [("tokens", "--tokens-file"), ("jwt", "--jwks-file")])
 def test_build_authenticator_without_file_option_names_it(kind: str, option: str) -> None:
     with pytest.raises(InvalidArgument, match=option):
         build_authenticator(kind)
