@@ -9,13 +9,13 @@ from typing import Any
 
 from .bridge import StreamBridge
 from .config import RelayConfig
-from .connection import RelayQuicConnection, make_configuration
+from .connection import RelayQuicConnection, make_configuration, max_datagram_payload
 from .counters import Counters
-from .errors import FramingError, RelayError
-from .framing import decode_datagram, encode_stream_header
+from .errors import RelayError
+from .framing import encode_stream_header
 from .identity import Identity, fingerprint_of
 from .protocol import RelayProtocol
-from .udp import ClientFlowTable, UdpEntry
+from .udp import ClientFlowTable, UdpEntry, enlarge_receive_buffer
 
 logger = logging.getLogger("quic_relay")
 
@@ -42,12 +42,7 @@ class _ClientProtocol(RelayProtocol):
         return self.client.server_fingerprint
 
     def datagram_frame_received(self, data: bytes) -> None:
-        try:
-            frame = decode_datagram(data)
-        except FramingError:
-            self.counters.dropped_datagrams += 1
-            return
-        self.client.flows.from_peer(frame)
+        self.client.flows.from_peer(data)
 
     def stop_keepalive(self) -> None:
         if self._keepalive is not None:
@@ -87,7 +82,9 @@ class RelayClient:
             server_cert_pem=server_cert_pem,
         )
         self._counters = Counters()
-        self.flows = ClientFlowTable(self._counters, config.udp_flow_idle_timeout, self._send_datagram)
+        self.flows = ClientFlowTable(
+            self._counters, config.udp_flow_idle_timeout, max_datagram_payload(config), self._send_datagram
+        )
         self._protocol: _ClientProtocol | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._reconnect: asyncio.Task[None] | None = None
@@ -134,6 +131,7 @@ class RelayClient:
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _ClientProtocol(quic, self), local_addr=local
         )
+        enlarge_receive_buffer(transport)
         try:
             await asyncio.wait_for(self._handshake(protocol, addr), self.config.handshake_timeout)
         except (ConnectionError, TimeoutError, RelayError) as exc:
@@ -146,6 +144,8 @@ class RelayClient:
             transport.close()
             raise
         self._protocol, self._transport = protocol, transport
+        # The new server connection numbers its fragments afresh: never mix them with old ones.
+        self.flows.codec.forget_fragments()
         protocol.start_keepalive()
         logger.info("connected to relay server %s:%d", host, port)
 
@@ -201,9 +201,9 @@ class RelayClient:
         self._waiting.append((bridge, dest_index))
         self._start_reconnect()
 
-    def _send_datagram(self, data: bytes) -> None:
+    def _send_datagram(self, frames: list[bytes]) -> None:
         if self.connected and self._protocol is not None:
-            self._protocol.send_datagram(data)
+            self._protocol.send_datagrams(frames)
         else:
             self._counters.dropped_datagrams += 1
             self._start_reconnect()

@@ -11,7 +11,7 @@ class Counters:
     bytes_out: int = 0  # delivered to local apps
     connections: int = 0  # TCP connections / UDP flows opened so far
     active: int = 0  # currently open
-    dropped_datagrams: int = 0  # undecodable, oversized or unroutable datagrams
+    dropped_datagrams: int = 0  # undecodable, unroutable, incomplete or unqueueable datagrams
 
     def opened(self) -> None:
         self.connections += 1

@@ -2,8 +2,12 @@
 
 A TCP connection travels on one bidirectional QUIC stream that starts with a stream header:
 one magic/version byte followed by the destination index as a QUIC varint (RFC 9000 §16).
-A UDP datagram travels in one QUIC DATAGRAM frame (RFC 9221) whose payload is
-varint flow id, varint destination index, then the UDP payload.
+A UDP datagram travels in QUIC DATAGRAM frames (RFC 9221). Every frame payload starts with
+varint (flow id << 1 | fragmented), varint destination index. A datagram that fits in one
+frame follows unfragmented (flag 0) with nothing else before the UDP payload. A larger one is
+split into fragments (flag 1), each carrying varint datagram sequence number (per flow and
+sender), varint fragment index, varint fragment count, then its slice of the UDP payload.
+Losing any fragment loses the whole datagram, as UDP would; `Reassembler` rebuilds the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from .errors import FramingError
 STREAM_MAGIC = 0x51  # "relay stream, version 1"; bump for incompatible header changes
 MAX_VARINT = (1 << 62) - 1
 MAX_STREAM_HEADER_SIZE = 1 + 8
+MAX_FLOW_ID = MAX_VARINT >> 1  # one bit of the flow id varint is the fragmented flag
+MAX_UDP_PAYLOAD = 65527  # 65535 minus the UDP header: nothing larger can be a UDP datagram
+MAX_FRAGMENTS = 128  # 65,527 bytes in fragments of at least 512 bytes
 
 _LENGTH_BY_PREFIX = (1, 2, 4, 8)
 
@@ -64,27 +71,97 @@ def decode_stream_header(data: bytes | bytearray) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class DatagramFrame:
-    """One relayed UDP datagram."""
+    """One whole relayed UDP datagram."""
 
     flow_id: int
     dest_index: int
     payload: bytes
 
 
+@dataclass(frozen=True)
+class DatagramFragment:
+    """One slice of a UDP datagram too large for a single DATAGRAM frame."""
+
+    flow_id: int
+    dest_index: int
+    seq: int  # datagram sequence number, per flow and sender
+    index: int  # 0 <= index < count
+    count: int  # 2 <= count <= MAX_FRAGMENTS
+    payload: bytes  # never empty
+
+
+def _frame_prefix(flow_id: int, dest_index: int, fragmented: bool) -> bytes:
+    if not 0 <= flow_id <= MAX_FLOW_ID:
+        raise FramingError(f"flow id out of range: {flow_id}")
+    return encode_varint(flow_id << 1 | fragmented) + encode_varint(dest_index)
+
+
 def encode_datagram(flow_id: int, dest_index: int, payload: bytes) -> bytes:
-    """Payload of the QUIC DATAGRAM frame that carries `payload` on flow `flow_id`."""
-    return encode_varint(flow_id) + encode_varint(dest_index) + payload
+    """Payload of the one unfragmented DATAGRAM frame that carries `payload` on flow `flow_id`."""
+    return _frame_prefix(flow_id, dest_index, False) + payload
 
 
-def decode_datagram(data: bytes) -> DatagramFrame:
-    """Parse a DATAGRAM frame payload; FramingError when it is truncated."""
-    flow = decode_varint(data)
-    if flow is None:
-        raise FramingError("datagram truncated in flow id")
-    dest = decode_varint(data, flow[1])
-    if dest is None:
-        raise FramingError("datagram truncated in destination index")
-    return DatagramFrame(flow_id=flow[0], dest_index=dest[0], payload=data[dest[1] :])
+def encode_datagram_frames(
+    flow_id: int, dest_index: int, payload: bytes, *, max_frame: int, seq: int
+) -> list[bytes]:
+    """DATAGRAM frame payloads of at most `max_frame` bytes that together carry `payload`.
+
+    One unfragmented frame when it fits. Otherwise fragments of datagram `seq`: the caller must
+    give the next large datagram of this flow another number (see `fits_in_one_frame`), or the
+    peer could mix their fragments. FramingError when `payload` cannot be carried at all.
+    """
+    if fits_in_one_frame(flow_id, dest_index, len(payload), max_frame):
+        return [encode_datagram(flow_id, dest_index, payload)]
+    if len(payload) > MAX_UDP_PAYLOAD:
+        raise FramingError(f"datagram of {len(payload)} bytes is larger than UDP allows")
+    prefix = _frame_prefix(flow_id, dest_index, True) + encode_varint(seq)
+    room, count = _fragment_room(len(prefix), len(payload), max_frame)
+    return [
+        prefix + encode_varint(index) + encode_varint(count) + payload[index * room : (index + 1) * room]
+        for index in range(count)
+    ]
+
+
+def fits_in_one_frame(flow_id: int, dest_index: int, size: int, max_frame: int) -> bool:
+    """True when a `size`-byte datagram travels unfragmented (and needs no sequence number)."""
+    return len(_frame_prefix(flow_id, dest_index, False)) + size <= max_frame
+
+
+def _fragment_room(prefix_size: int, size: int, max_frame: int) -> tuple[int, int]:
+    """(payload bytes per fragment, fragment count) for a `size`-byte datagram."""
+    varint_size = 1  # of the fragment index and count, which grows with the count
+    while True:
+        room = max_frame - prefix_size - 2 * varint_size
+        count = -(-size // room) if room > 0 else MAX_FRAGMENTS + 1
+        if count > MAX_FRAGMENTS:
+            raise FramingError(f"datagram of {size} bytes needs more than {MAX_FRAGMENTS} fragments")
+        if len(encode_varint(count)) <= varint_size:
+            return room, count
+        varint_size = len(encode_varint(count))
+
+
+def decode_datagram(data: bytes) -> DatagramFrame | DatagramFragment:
+    """Parse a DATAGRAM frame payload; FramingError when it is truncated or malformed."""
+    head, offset = _pull_varint(data, 0, "flow id")
+    dest_index, offset = _pull_varint(data, offset, "destination index")
+    flow_id = head >> 1
+    if not head & 1:
+        return DatagramFrame(flow_id=flow_id, dest_index=dest_index, payload=data[offset:])
+    seq, offset = _pull_varint(data, offset, "datagram sequence number")
+    index, offset = _pull_varint(data, offset, "fragment index")
+    count, offset = _pull_varint(data, offset, "fragment count")
+    if not 2 <= count <= MAX_FRAGMENTS or index >= count:
+        raise FramingError(f"bad fragment {index} of {count}")
+    if offset == len(data):
+        raise FramingError("empty fragment")
+    return DatagramFragment(flow_id, dest_index, seq, index, count, data[offset:])
+
+
+def _pull_varint(data: bytes, offset: int, what: str) -> tuple[int, int]:
+    parsed = decode_varint(data, offset)
+    if parsed is None:
+        raise FramingError(f"datagram truncated in {what}")
+    return parsed
 
 
 class StreamTracker:

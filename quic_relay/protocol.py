@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Sequence
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -177,16 +178,21 @@ class RelayProtocol(QuicConnectionProtocol):
 
     # datagrams
 
-    def send_datagram(self, data: bytes) -> bool:
-        """Queue one DATAGRAM frame; False (and counted as dropped) if too big or queue full."""
+    def send_datagrams(self, frames: Sequence[bytes]) -> bool:
+        """Queue the DATAGRAM frames of one UDP datagram, all or none.
+
+        False (and one dropped datagram counted) if a frame is too big or the queue is too full:
+        sending only some fragments would waste the link on a datagram the peer must drop.
+        """
         if (
             self.terminated
-            or len(data) > self._max_datagram
-            or pending_datagrams(self._quic) >= MAX_PENDING_DATAGRAMS
+            or any(len(frame) > self._max_datagram for frame in frames)
+            or pending_datagrams(self._quic) + len(frames) > MAX_PENDING_DATAGRAMS
         ):
             self.counters.dropped_datagrams += 1
             return False
-        self._quic.send_datagram_frame(data)
+        for frame in frames:
+            self._quic.send_datagram_frame(frame)
         self._transmit_soon()
         return True
 

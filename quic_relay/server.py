@@ -18,10 +18,10 @@ from .config import RelayConfig
 from .connection import RelayQuicConnection, make_configuration
 from .counters import Counters
 from .errors import FramingError
-from .framing import StreamTracker, decode_datagram, decode_stream_header
+from .framing import StreamTracker, decode_stream_header
 from .identity import Identity, fingerprint_of
 from .protocol import CONNECTION_UNAUTHORIZED, RelayProtocol
-from .udp import ServerFlowTable
+from .udp import ServerFlowTable, enlarge_receive_buffer
 
 logger = logging.getLogger("quic_relay")
 
@@ -38,7 +38,11 @@ class _ServerProtocol(RelayProtocol):
         self._headers: dict[int, bytearray] = {}
         self._connects: set[asyncio.Task[None]] = set()
         self._flows = ServerFlowTable(
-            server.destinations, server.counters, server.config.udp_flow_idle_timeout, self.send_datagram
+            server.destinations,
+            server.counters,
+            server.config.udp_flow_idle_timeout,
+            self._max_datagram,
+            self.send_datagrams,
         )
 
     def expected_fingerprint(self) -> str | None:
@@ -101,12 +105,7 @@ class _ServerProtocol(RelayProtocol):
         self._headers.pop(stream_id, None)
 
     def datagram_frame_received(self, data: bytes) -> None:
-        try:
-            frame = decode_datagram(data)
-        except FramingError:
-            self.counters.dropped_datagrams += 1
-            return
-        self._flows.from_peer(frame)
+        self._flows.from_peer(data)
 
     def shutdown(self) -> None:
         """Drop every stream, flow and pending connect of this connection."""
@@ -135,6 +134,7 @@ class _Endpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport
         self.transport = cast(asyncio.DatagramTransport, transport)
+        enlarge_receive_buffer(transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         config = self.server.quic_config

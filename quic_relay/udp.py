@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from .counters import Counters
-from .framing import DatagramFrame, encode_datagram
+from .errors import FramingError
+from .framing import DatagramFrame, encode_datagram_frames
+from .reassembly import Reassembler
 
 logger = logging.getLogger("quic_relay")
 
 Address = tuple[Any, ...]
+SendFrames = Callable[[list[bytes]], object]  # queues the DATAGRAM frames of one UDP datagram
 _MAX_QUEUED_BEFORE_CONNECT = 64  # datagrams kept while a producer-side flow socket is created
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    """Ask for a larger socket receive buffer (Linux caps it at net.core.rmem_max): a burst of
+    packets then waits in the kernel, rather than being dropped, while the event loop is busy."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
 
 class IdleSweeper:
@@ -36,6 +51,60 @@ class IdleSweeper:
             self._handle = None
 
 
+class DatagramCodec:
+    """UDP datagrams of one flow table to and from DATAGRAM frames; every loss is counted.
+
+    A datagram too large for one frame leaves as fragments numbered per flow; fragments from the
+    peer are put back together by a Reassembler.
+    """
+
+    def __init__(self, counters: Counters, max_frame: int, send: SendFrames) -> None:
+        self._counters = counters
+        self._max_frame = max_frame
+        self._send = send
+        self._next_seq: dict[int, int] = {}  # flow id -> sequence number of its next large datagram
+        self._reassembler = Reassembler()
+        self._drops_counted = 0
+
+    def send(self, flow_id: int, dest_index: int, payload: bytes) -> None:
+        """Send one UDP datagram in as many frames as it needs; one that cannot be is dropped."""
+        seq = self._next_seq.get(flow_id, 0)
+        try:
+            frames = encode_datagram_frames(flow_id, dest_index, payload, max_frame=self._max_frame, seq=seq)
+        except FramingError as exc:
+            logger.debug("UDP flow %d: %s", flow_id, exc)
+            self._counters.dropped_datagrams += 1
+            return
+        if len(frames) > 1:
+            self._next_seq[flow_id] = seq + 1
+        self._send(frames)
+
+    def receive(self, data: bytes, now: float) -> DatagramFrame | None:
+        """The datagram a DATAGRAM frame from the peer carries or completes, if any."""
+        frame = self._reassembler.receive(data, now)
+        self._count_drops()
+        return frame
+
+    def expire(self, now: float) -> None:
+        self._reassembler.expire(now)
+        self._count_drops()
+
+    def forget_flow(self, flow_id: int) -> None:
+        self._next_seq.pop(flow_id, None)
+        self._reassembler.forget_flow(flow_id)
+        self._count_drops()
+
+    def forget_fragments(self) -> None:
+        """Fragments received so far can never complete (their QUIC connection ended)."""
+        self._reassembler.clear()
+        self._count_drops()
+
+    def _count_drops(self) -> None:
+        total = self._reassembler.drops.total
+        self._counters.dropped_datagrams += total - self._drops_counted
+        self._drops_counted = total
+
+
 # consumer side
 
 
@@ -50,6 +119,7 @@ class UdpEntry(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport
         self.transport = cast(asyncio.DatagramTransport, transport)
+        enlarge_receive_buffer(transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.flows.from_app(self, addr, data)
@@ -66,10 +136,10 @@ class _ClientFlow:
 class ClientFlowTable:
     """Maps (entry point, source address) to flow ids and back; idle mappings expire."""
 
-    def __init__(self, counters: Counters, idle_timeout: float, send: Callable[[bytes], None]) -> None:
+    def __init__(self, counters: Counters, idle_timeout: float, max_frame: int, send: SendFrames) -> None:
         self._counters = counters
         self._idle_timeout = idle_timeout
-        self._send = send
+        self.codec = DatagramCodec(counters, max_frame, send)
         self._loop = asyncio.get_running_loop()
         self._by_source: dict[tuple[UdpEntry, Address], _ClientFlow] = {}
         self._by_id: dict[int, _ClientFlow] = {}
@@ -86,9 +156,13 @@ class ClientFlowTable:
             self._counters.opened()
         flow.last_seen = self._loop.time()
         self._counters.bytes_in += len(payload)
-        self._send(encode_datagram(flow.flow_id, entry.dest_index, payload))
+        self.codec.send(flow.flow_id, entry.dest_index, payload)
 
-    def from_peer(self, frame: DatagramFrame) -> None:
+    def from_peer(self, data: bytes) -> None:
+        """A DATAGRAM frame from the peer: deliver the datagram it carries or completes."""
+        frame = self.codec.receive(data, self._loop.time())
+        if frame is None:
+            return
         flow = self._by_id.get(frame.flow_id)
         if flow is None or flow.entry.transport is None:
             self._counters.dropped_datagrams += 1
@@ -98,6 +172,7 @@ class ClientFlowTable:
         self._counters.bytes_out += len(frame.payload)
 
     def expire(self, now: float) -> None:
+        self.codec.expire(now)
         for flow in [f for f in self._by_id.values() if now - f.last_seen > self._idle_timeout]:
             self._remove(flow)
 
@@ -113,6 +188,7 @@ class ClientFlowTable:
     def _remove(self, flow: _ClientFlow) -> None:
         del self._by_id[flow.flow_id]
         del self._by_source[(flow.entry, flow.addr)]
+        self.codec.forget_flow(flow.flow_id)
         self._counters.closed()
 
 
@@ -135,6 +211,7 @@ class _ServerFlow(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport
         self.transport = cast(asyncio.DatagramTransport, transport)
+        enlarge_receive_buffer(transport)
         self.table.counters.opened()
         queue, self.queue = self.queue, []
         for payload in queue:
@@ -143,7 +220,7 @@ class _ServerFlow(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.last_seen = asyncio.get_running_loop().time()
         self.table.counters.bytes_in += len(data)
-        self.table.send(encode_datagram(self.flow_id, self.dest_index, data))
+        self.table.codec.send(self.flow_id, self.dest_index, data)
 
     def error_received(self, exc: Exception) -> None:
         logger.debug("UDP flow %d: %s", self.flow_id, exc)  # e.g. ICMP port unreachable
@@ -180,16 +257,22 @@ class ServerFlowTable:
         destinations: list[tuple[str, int]],
         counters: Counters,
         idle_timeout: float,
-        send: Callable[[bytes], object],
+        max_frame: int,
+        send: SendFrames,
     ) -> None:
         self.destinations = destinations
         self.counters = counters
-        self.send = send
+        self.codec = DatagramCodec(counters, max_frame, send)
+        self._loop = asyncio.get_running_loop()
         self._idle_timeout = idle_timeout
         self._flows: dict[int, _ServerFlow] = {}
         self._sweeper = IdleSweeper(idle_timeout, self.expire)
 
-    def from_peer(self, frame: DatagramFrame) -> None:
+    def from_peer(self, data: bytes) -> None:
+        """A DATAGRAM frame from the peer: send the datagram it carries or completes."""
+        frame = self.codec.receive(data, self._loop.time())
+        if frame is None:
+            return
         flow = self._flows.get(frame.flow_id)
         if flow is None:
             if not 0 <= frame.dest_index < len(self.destinations):
@@ -197,13 +280,13 @@ class ServerFlowTable:
                 return
             flow = _ServerFlow(self, frame.flow_id, frame.dest_index)
             self._flows[frame.flow_id] = flow
-            flow.task = asyncio.get_running_loop().create_task(self._open(flow))
+            flow.task = self._loop.create_task(self._open(flow))
         flow.send(frame.payload)
 
     async def _open(self, flow: _ServerFlow) -> None:
         host, port = self.destinations[flow.dest_index]
         try:
-            await asyncio.get_running_loop().create_datagram_endpoint(lambda: flow, remote_addr=(host, port))
+            await self._loop.create_datagram_endpoint(lambda: flow, remote_addr=(host, port))
         except OSError as exc:
             logger.warning("UDP flow %d to %s:%d failed: %s", flow.flow_id, host, port, exc)
             self.discard(flow)
@@ -215,8 +298,10 @@ class ServerFlowTable:
     def discard(self, flow: _ServerFlow) -> None:
         if self._flows.get(flow.flow_id) is flow:
             del self._flows[flow.flow_id]
+            self.codec.forget_flow(flow.flow_id)
 
     def expire(self, now: float) -> None:
+        self.codec.expire(now)
         for flow in [f for f in self._flows.values() if now - f.last_seen > self._idle_timeout]:
             self.discard(flow)
             flow.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from quic_relay import Identity, RelayClient, RelayConfig, RelayError, RelayServer, generate_identity
+from quic_relay.framing import encode_datagram, encode_datagram_frames
+from quic_relay.reassembly import REASSEMBLY_TIMEOUT
 
 HOST = "127.0.0.1"
 SERVER_NAME = "relay.test"
@@ -292,20 +294,32 @@ async def test_garbage_datagram_frames_are_dropped_and_counted(make_pair, udp_de
     pair = await make_pair([udp_dest])
     protocol = pair.client._protocol
     assert protocol is not None
-    protocol.send_datagram(b"\xff")  # truncated varint
-    protocol.send_datagram(b"\x05\x3f" + b"no such destination")
+    protocol.send_datagrams([b"\xff"])  # truncated varint
+    protocol.send_datagrams([encode_datagram(2, 63, b"no such destination")])
     await wait_for_condition(lambda: pair.server.counters.dropped_datagrams == 2)
     assert await udp_echo_round_trip(pair, udp_dest, [b"after"]) == [b"echo:after"]
 
 
-async def test_oversized_udp_datagrams_are_dropped_and_counted(make_pair, udp_dest) -> None:
+@pytest.mark.parametrize("size", [1460, 8000, 65000])
+async def test_udp_datagrams_larger_than_a_quic_packet_cross_intact_both_ways(
+    make_pair, udp_dest, size
+) -> None:
     pair = await make_pair([udp_dest])
-    entry = await pair.client.add_udp_entry(HOST, 0, 0)
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(UdpApp, remote_addr=entry)
-    transport.sendto(b"x" * 4000)
-    await wait_for_condition(lambda: pair.client.counters.dropped_datagrams == 1)
-    transport.close()
-    assert await udp_echo_round_trip(pair, udp_dest, [b"small"]) == [b"echo:small"]
+    messages = [os.urandom(size) for _ in range(3)]
+    replies = await udp_echo_round_trip(pair, udp_dest, messages)
+    assert replies == [b"echo:" + message for message in messages]
+    assert pair.client.counters.bytes_in >= 3 * size
+
+
+async def test_incomplete_fragmented_datagram_is_dropped_and_counted(make_pair, udp_dest) -> None:
+    pair = await make_pair([udp_dest])
+    protocol = pair.client._protocol
+    assert protocol is not None
+    frames = encode_datagram_frames(0, 0, os.urandom(5000), max_frame=1200, seq=0)
+    protocol.send_datagrams(frames[:-1])
+    await asyncio.sleep(REASSEMBLY_TIMEOUT)
+    assert await udp_echo_round_trip(pair, udp_dest, [b"after"]) == [b"echo:after"]
+    assert pair.server.counters.dropped_datagrams == 1  # noticed when the next frame arrived
 
 
 async def test_udp_flows_expire_when_idle(make_pair, udp_dest) -> None:

@@ -4,12 +4,17 @@ import pytest
 
 from quic_relay.errors import FramingError
 from quic_relay.framing import (
+    MAX_FLOW_ID,
+    MAX_FRAGMENTS,
     STREAM_MAGIC,
+    DatagramFragment,
+    DatagramFrame,
     StreamTracker,
     decode_datagram,
     decode_stream_header,
     decode_varint,
     encode_datagram,
+    encode_datagram_frames,
     encode_stream_header,
     encode_varint,
 )
@@ -60,7 +65,51 @@ def test_stream_header_with_wrong_magic_is_refused() -> None:
 
 def test_datagram_round_trips() -> None:
     frame = decode_datagram(encode_datagram(70000, 2, b"\x00\xffdata"))
-    assert (frame.flow_id, frame.dest_index, frame.payload) == (70000, 2, b"\x00\xffdata")
+    assert frame == DatagramFrame(flow_id=70000, dest_index=2, payload=b"\x00\xffdata")
+
+
+def test_unfragmented_datagram_has_only_flow_and_destination_before_the_payload() -> None:
+    assert encode_datagram(3, 1, b"data") == bytes((3 << 1, 1)) + b"data"
+
+
+def test_datagram_that_fits_travels_in_one_frame_of_at_most_max_frame_bytes() -> None:
+    frames = encode_datagram_frames(3, 1, bytes(98), max_frame=100, seq=0)
+    assert frames == [encode_datagram(3, 1, bytes(98))]
+
+
+def test_datagram_one_byte_too_large_is_split_into_two_fragments() -> None:
+    payload = bytes(range(99))
+    frames = encode_datagram_frames(3, 1, payload, max_frame=100, seq=7)
+    assert [len(frame) for frame in frames] == [100, 5 + 99 - 95]
+    first, second = (decode_datagram(frame) for frame in frames)
+    assert first == DatagramFragment(3, 1, seq=7, index=0, count=2, payload=payload[:95])
+    assert second == DatagramFragment(3, 1, seq=7, index=1, count=2, payload=payload[95:])
+
+
+def test_fragment_header_grows_with_the_fragment_count() -> None:
+    payload = bytes(range(256)) * 255
+    frames = encode_datagram_frames(3, 1, payload, max_frame=600, seq=0)  # 64+ fragments: 2-byte varints
+    fragments = [decode_datagram(frame) for frame in frames]
+    assert all(len(frame) <= 600 for frame in frames)
+    assert len(frames) == 111
+    assert all(isinstance(fragment, DatagramFragment) and fragment.count == 111 for fragment in fragments)
+    assert b"".join(fragment.payload for fragment in fragments) == payload
+
+
+def test_datagram_needing_too_many_fragments_is_refused() -> None:
+    with pytest.raises(FramingError, match="fragments"):
+        encode_datagram_frames(3, 1, bytes(MAX_FRAGMENTS * 10 + 1), max_frame=15, seq=0)
+
+
+def test_datagram_larger_than_udp_allows_is_refused() -> None:
+    with pytest.raises(FramingError, match="larger than UDP"):
+        encode_datagram_frames(3, 1, bytes(65528), max_frame=1250, seq=0)
+
+
+def test_flow_id_beyond_the_flag_bit_is_refused() -> None:
+    assert decode_datagram(encode_datagram(MAX_FLOW_ID, 0, b"")).flow_id == MAX_FLOW_ID
+    with pytest.raises(FramingError):
+        encode_datagram(MAX_FLOW_ID + 1, 0, b"")
 
 
 def test_datagram_with_empty_payload_round_trips() -> None:
