@@ -39,3 +39,14 @@ def test_producer_side_restart_restores_the_session_and_new_connections_work(
     assert restored["data_endpoints"] == producer["data_endpoints"]
     report = run_iperf_client(facility_b, consumer["entry_points"][0], seconds=2)
     assert report["end"]["sum_received"]["bits_per_second"] > 0
+
+
+def test_sigterm_stops_the_appliance_cleanly_and_frees_its_sockets(
+    appliance_a: Appliance, appliance_b: Appliance, facility_b: Facility
+) -> None:
+    producer = appliance_a.json("inbound", "--dest", PRODUCER_DEST)
+    appliance_b.json("outbound", producer["ticket"])
+
+    assert appliance_b.stop() == 0
+
+    assert facility_b.listening_ports() == set()

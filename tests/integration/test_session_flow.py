@@ -18,6 +18,7 @@ from .topology import (
     fingerprint_of_cert,
     run_iperf_client,
     start_iperf_server,
+    wait_equal,
     wait_until,
 )
 
@@ -204,7 +205,7 @@ def test_release_closes_every_socket_of_the_session(
     appliance_a.wait_state(producer["session_id"], "RELEASED", timeout=5)
 
     for f in (facility_a, facility_b):
-        wait_until(lambda f=f: f.listening_ports() == before[f.ns], 5, what=f"sockets in {f.ns} to close")
+        wait_equal(f.listening_ports, before[f.ns], 5, f"the session's sockets in {f.ns} to close")
 
 
 def test_release_leaves_no_extra_processes(
@@ -219,7 +220,7 @@ def test_release_leaves_no_extra_processes(
     appliance_a.wait_state(producer["session_id"], "RELEASED", timeout=5)
 
     for f in (facility_a, facility_b):
-        wait_until(lambda f=f: f.pids() == before[f.ns], 5, what=f"only the appliance and apps in {f.ns}")
+        wait_equal(f.pids, before[f.ns], 5, f"only the appliance and the apps in {f.ns}")
 
 
 def test_released_ports_are_handed_out_again_lowest_first(

@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 WAN_IPS = {"a": "198.18.0.1", "b": "198.18.0.2"}
 WAN_PREFIX = 24
@@ -56,6 +58,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def wait_equal(get: Callable[[], T], expected: T, timeout: float, what: str) -> None:
+    """Polls `get()` until it equals `expected`; on timeout the assertion shows the last value."""
+    deadline = time.monotonic() + timeout
+    while (value := get()) != expected:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {value!r} != {expected!r}")
+        time.sleep(0.1)
 
 
 def _clean_env(token: str | None) -> dict[str, str]:
