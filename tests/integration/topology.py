@@ -458,6 +458,7 @@ def run_iperf_client(
     udp: bool = False,
     bitrate: str = "50M",
     length: int | None = None,
+    streams: int = 1,
     timeout: float = 30,
 ) -> dict[str, Any]:
     """The consumer app: `iperf3 -c` through an entry point; returns iperf3's JSON report.
@@ -470,6 +471,8 @@ def run_iperf_client(
         cmd += ["-u", "-b", bitrate]
     if length:
         cmd += ["-l", str(length)]
+    if streams > 1:
+        cmd += ["-P", str(streams)]
     done = facility.run(*cmd, check=False, timeout=timeout)
     try:
         report: dict[str, Any] = json.loads(done.stdout)
