@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     retention: float = Field(default=24 * 3600, ge=0)
     wireguard_port: int = DEFAULT_WIREGUARD_PORT
     peer_timeout: float = Field(default=10.0, gt=0)
+    # TLS mode's relay processes; 0 = one per core.
+    workers: int = Field(default=0, ge=0)
 
     @field_validator("port_range")
     @classmethod

@@ -140,6 +140,9 @@ def cli() -> None:
 )
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Key of --tls-cert.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
+@click.option(
+    "--workers", type=click.IntRange(min=0), help="TLS mode relay processes [0: one per core]."
+)
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--default-ttl", help="Default session lease, e.g. 24h.")

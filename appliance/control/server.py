@@ -20,6 +20,7 @@ from appliance.control.services import ControlService, PeerService, authenticate
 from appliance.control.tls import ensure_certificate, server_context
 from appliance.dataplane.base import Driver
 from appliance.dataplane.quic import QuicDriver
+from appliance.dataplane.tls import TlsDriver
 from appliance.errors import Unavailable
 from appliance.metrics import serve_metrics
 from appliance.sessions.manager import Identity, PeerLink, SessionManager
@@ -39,8 +40,8 @@ def _descriptor_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def build_drivers() -> dict[Mode, Driver]:
-    return {Mode.QUIC: QuicDriver()}
+def build_drivers(workers: int = 0) -> dict[Mode, Driver]:
+    return {Mode.QUIC: QuicDriver(), Mode.TLS: TlsDriver(workers)}
 
 
 class Appliance:
@@ -51,6 +52,7 @@ class Appliance:
         self.server: Server | None = None
         self.manager: SessionManager | None = None
         self._store: SessionStore | None = None
+        self._drivers = build_drivers(settings.workers)
         self.fingerprint = ""
 
     async def start(self) -> None:
@@ -83,7 +85,7 @@ class Appliance:
         self.manager = SessionManager(
             store=self._store,
             ports=PortAllocator(s.ports, s.data_bind),
-            drivers=build_drivers(),
+            drivers=self._drivers,
             connect_peer=connect_peer,
             identity=Identity(s.advertise_address, self.fingerprint),
             advertise_host=s.advertise_host,
@@ -120,6 +122,8 @@ class Appliance:
             await self.server.wait_closed()
         if self.manager is not None:
             await self.manager.stop()
+        for driver in self._drivers.values():
+            await driver.close()
         if self._store is not None:
             self._store.close()
         log.info("appliance stopped")

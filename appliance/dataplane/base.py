@@ -80,3 +80,6 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         """Reaches the producer side's data endpoint and binds the entry points."""
+
+    async def close(self) -> None:  # noqa: B027 - only drivers with processes of their own need it
+        """Stops what the driver runs for all sessions (after every tunnel is closed)."""
