@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     peer_timeout: float = Field(default=10.0, gt=0)
     # TLS mode's relay processes; 0 = one per core.
     workers: int = Field(default=0, ge=0)
+    # SciStream 1.2.1 protocol (scistream.Control): the data plane its sessions use, how long a `req`
+    # waits for its hello, the control port of producer appliances, and a CA file for their certificates
+    # (unset: accepted on first use, as 1.2.1 does).
+    legacy_mode: Literal["quic", "wireguard", "tls", "auto"] = "quic"
+    legacy_hello_timeout: float = Field(default=180.0, gt=0)
+    legacy_peer_port: int = Field(default=DEFAULT_CONTROL_PORT, ge=1, le=65535)
+    legacy_peer_ca: Path | None = None
 
     @field_validator("port_range")
     @classmethod

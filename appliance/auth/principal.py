@@ -11,6 +11,7 @@ ADMIN_ROLE = "admin"
 NO_AUTH_SUBJECT = "NO_AUTH"
 
 _BEARER = "bearer"
+LEGACY_NO_TOKEN = "INVALID_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def parse_authorization(value: str | None) -> str | None:
     parts = value.split(maxsplit=1)
     if parts and parts[0].lower() == _BEARER:
         parts = parts[1:]
+    if parts == [LEGACY_NO_TOKEN]:  # what SciStream 1.2.1 clients send when they have no token
+        return None
     return parts[0].strip() if parts else None
 
 

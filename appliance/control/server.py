@@ -15,6 +15,7 @@ from grpclib.server import Server
 
 from appliance.auth import build_authenticator
 from appliance.config import Settings
+from appliance.control.legacy import LegacyControlService, pin_peer_certificate
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
 from appliance.control.tls import ensure_certificate, server_context
@@ -23,8 +24,9 @@ from appliance.dataplane.quic import QuicDriver
 from appliance.dataplane.tls import TlsDriver
 from appliance.errors import Unavailable
 from appliance.metrics import serve_metrics
+from appliance.sessions.legacy import LegacyCoordinator
 from appliance.sessions.manager import Identity, PeerLink, SessionManager
-from appliance.sessions.model import Mode
+from appliance.sessions.model import Address, Mode
 from appliance.sessions.ports import PortAllocator
 from appliance.sessions.store import SessionStore
 
@@ -51,6 +53,7 @@ class Appliance:
         self.settings = settings
         self.server: Server | None = None
         self.manager: SessionManager | None = None
+        self.legacy: LegacyCoordinator | None = None
         self._store: SessionStore | None = None
         self._drivers = build_drivers(settings.workers)
         self.fingerprint = ""
@@ -82,9 +85,10 @@ class Appliance:
         def connect_peer(address: str, fingerprint: str) -> PeerLink:
             return GrpcPeerLink(address, fingerprint, timeout)
 
+        ports = PortAllocator(s.ports, s.data_bind)
         self.manager = SessionManager(
             store=self._store,
-            ports=PortAllocator(s.ports, s.data_bind),
+            ports=ports,
             drivers=self._drivers,
             connect_peer=connect_peer,
             identity=Identity(s.advertise_address, self.fingerprint),
@@ -93,9 +97,11 @@ class Appliance:
             retention=s.retention,
             peer_timeout=timeout,
         )
+        self.legacy = _legacy_coordinator(s, self.manager, ports)
         control, peer = ControlService(self.manager), PeerService(self.manager)
+        legacy = LegacyControlService(self.legacy)
         health = Health({control: [], peer: []})
-        services = ServerReflection.extend([control, peer, health], pool=_descriptor_pool())
+        services = ServerReflection.extend([control, peer, legacy, health], pool=_descriptor_pool())
         self.server = Server(services)
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
         await self.manager.start()
@@ -117,6 +123,8 @@ class Appliance:
         )
 
     async def stop(self) -> None:
+        if self.legacy is not None:
+            await self.legacy.stop()  # first: it ends requests still waiting for their hello
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -127,6 +135,25 @@ class Appliance:
         if self._store is not None:
             self._store.close()
         log.info("appliance stopped")
+
+
+def _legacy_coordinator(s: Settings, manager: SessionManager, ports: PortAllocator) -> LegacyCoordinator:
+    """The SciStream 1.2.1 service's state, configured by the `legacy_*` settings."""
+
+    async def pin_peer(address: Address) -> str:
+        return await pin_peer_certificate(
+            address, ca_file=s.legacy_peer_ca, insecure=s.insecure, timeout=s.peer_timeout
+        )
+
+    return LegacyCoordinator(
+        manager,
+        ports,
+        advertise_host=s.advertise_host,
+        mode=Mode(s.legacy_mode),
+        hello_timeout=s.legacy_hello_timeout,
+        peer_port=s.legacy_peer_port,
+        pin_peer=pin_peer,
+    )
 
 
 async def serve(settings: Settings) -> None:

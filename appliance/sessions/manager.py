@@ -145,14 +145,19 @@ class SessionManager:
         num_conn: int = 1,
         rate_bps: int = 0,
         ttl: float = 0,
+        session_id: str = "",
+        secret: bytes = b"",
     ) -> tuple[Session, str]:
-        """Session init on the producer side; returns the PENDING session and its ticket."""
+        """Session init on the producer side; returns the PENDING session and its ticket.
+
+        `session_id` and `secret` are fresh unless given (the SciStream 1.2.1 service derives them).
+        """
         if not destinations:
             raise InvalidArgument("at least one destination HOST:PORT is required")
         num_conn = self._check_num_conn(num_conn)
         driver = self._driver(mode)
-        session_id = str(uuid.uuid4())
-        secret = tk.new_secret()
+        session_id = session_id or str(uuid.uuid4())
+        secret = secret or tk.new_secret()
         credentials = self._credentials(session_id)
         session = Session(
             session_id=session_id,
@@ -190,15 +195,21 @@ class SessionManager:
         entry_ports: list[int] | None = None,
         bind_host: str = "",
         ttl: float = 0,
+        session_id: str = "",
+        num_conn: int = 0,
     ) -> Session:
-        """Join on the consumer side: redeems the ticket with the producer appliance, binds entry points."""
+        """Join on the consumer side: redeems the ticket with the producer appliance, binds entry points.
+
+        `session_id` is fresh unless given (the SciStream 1.2.1 service reserves entry ports under it);
+        `num_conn` entry points are bound, the producer side's number unless given (1.2.1 sets it per side).
+        """
         ticket = tk.Ticket.decode(ticket_text)
         driver = self._driver(_parse(Mode, ticket.mode))
         _parse(Protocol, ticket.protocol)  # a damaged ticket fails here, before the peer is contacted
         for port in entry_ports or []:
             if not 1 <= port <= 65535:
                 raise InvalidArgument(f"entry port {port} is outside 1-65535")
-        session_id = str(uuid.uuid4())
+        session_id = session_id or str(uuid.uuid4())
         credentials = self._credentials(session_id)
         peer = self._connect_peer(ticket.producer_address, ticket.producer_fingerprint)
         try:
@@ -210,7 +221,7 @@ class SessionManager:
                 protocol=protocol_from_api(response.protocol),
                 owner=principal.subject,
                 state=State.ACTIVE,
-                num_conn=max(1, response.num_conn),
+                num_conn=max(1, num_conn or response.num_conn),
                 rate_bps=response.rate_bps,
                 destinations=tuple(Address.parse(a) for a in response.destinations),
                 data_endpoints=tuple(Address.parse(a) for a in response.data_endpoints),

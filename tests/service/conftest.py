@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +51,8 @@ class Facility:
         return connect(Target(self.address, Trust(ca_file=self.ca_file), token, timeout=15))
 
 
-async def start_facility(tmp_path: Path, name: str, ports: int = 8) -> Facility:
+async def start_facility(tmp_path: Path, name: str, ports: int = 8, **overrides: Any) -> Facility:
+    """An appliance on 127.0.0.1 with its own port block; `overrides` set other Settings fields."""
     base = free_port_block(ports + 1)
     state_dir = tmp_path / name
     tokens_file = tmp_path / f"{name}-tokens.yaml"
@@ -67,6 +69,7 @@ async def start_facility(tmp_path: Path, name: str, ports: int = 8) -> Facility:
         auth="tokens",
         tokens_file=tokens_file,
         peer_timeout=5.0,
+        **overrides,
     )
     appliance = Appliance(settings)
     await appliance.start()

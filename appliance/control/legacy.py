@@ -1,0 +1,90 @@
+"""The SciStream 1.2.1 Control service (`scistream.Control`): thin handlers over LegacyCoordinator.
+
+Calls are authenticated like our own Control service (`authorization` metadata, a bare token as
+1.2.1 sends it, `INVALID_TOKEN` meaning none); errors map to gRPC status codes the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from pathlib import Path
+
+import structlog
+
+from appliance.api import scistream as legacy_api
+from appliance.control.services import current_principal, grpc_errors
+from appliance.control.tls import ca_context, fetch_certificate
+from appliance.errors import Unavailable
+from appliance.sessions.legacy import LegacyCoordinator
+from appliance.sessions.model import Address
+
+log = structlog.get_logger(__name__)
+
+
+class LegacyControlService(legacy_api.ControlBase):
+    def __init__(self, coordinator: LegacyCoordinator) -> None:
+        self._coordinator = coordinator
+
+    @grpc_errors
+    async def req(self, request: legacy_api.Request) -> legacy_api.Response:
+        listeners, prod_listeners = await self._coordinator.request(
+            current_principal(), request.uid, request.role, request.num_conn
+        )
+        return legacy_api.Response(listeners=listeners, prod_listeners=prod_listeners)
+
+    @grpc_errors
+    async def hello(self, hello: legacy_api.Hello) -> legacy_api.AppResponse:
+        message = self._coordinator.hello(current_principal(), hello.uid, list(hello.prod_listeners))
+        return legacy_api.AppResponse(message=message)
+
+    @grpc_errors
+    async def update(self, update_targets: legacy_api.UpdateTargets) -> legacy_api.Response:
+        listeners, prod_listeners = await self._coordinator.update(
+            current_principal(), update_targets.uid, list(update_targets.remote_listeners)
+        )
+        return legacy_api.Response(listeners=listeners, prod_listeners=prod_listeners)
+
+    @grpc_errors
+    async def release(self, release: legacy_api.Release) -> legacy_api.Response:
+        await self._coordinator.release(current_principal(), release.uid)
+        return legacy_api.Response()
+
+
+async def pin_peer_certificate(
+    address: Address, *, ca_file: Path | None, insecure: bool, timeout: float = 10.0
+) -> str:
+    """The SHA-256 pin of a producer appliance's control certificate ("" = plaintext control channel).
+
+    With `ca_file` the certificate must verify against it (hostname included). Without one it is
+    accepted on first use, as SciStream 1.2.1 accepts its peers, and a warning says so; the session
+    then pins it for every later call (Join, Leave).
+    """
+    if insecure:
+        return ""
+    if ca_file is None:
+        der = await fetch_certificate(address.host, address.port, timeout)
+        log.warning(
+            "accepting the producer appliance's control certificate on first use; "
+            "set legacy_peer_ca (s2cs --peer_cert) to verify it",
+            peer=str(address),
+        )
+        return hashlib.sha256(der).hexdigest()
+    context = ca_context(ca_file)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(address.host, address.port, ssl=context), timeout
+        )
+    except ssl.SSLError as exc:
+        raise Unavailable(f"appliance {address} is not trusted by {ca_file}: {exc.reason or exc}") from None
+    except (OSError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach appliance {address}: {exc or 'timed out'}") from None
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        verified: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    finally:
+        writer.close()
+    if not verified:
+        raise Unavailable(f"appliance {address} presented no certificate")
+    return hashlib.sha256(verified).hexdigest()
