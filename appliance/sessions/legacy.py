@@ -131,6 +131,7 @@ class LegacyCoordinator:
             raise AlreadyExists(f"uid {uid} is already in use")
         self._cancel_expiry(entry)
         entry.side, entry.num_conn = side, num_conn or 1
+        log.info("legacy request", uid=uid, side=side.value, hello_received=entry.hello.done())
         try:
             hello = await self._wait_hello(entry)
             entry.busy = True
