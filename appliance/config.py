@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     retention: float = Field(default=24 * 3600, ge=0)
     wireguard_port: int = DEFAULT_WIREGUARD_PORT
     peer_timeout: float = Field(default=10.0, gt=0)
+    # Seconds an ACTIVE session's data plane may stay without a connection to the peer appliance
+    # before the session is FAILED (both sides check; the peer is told when it can be reached).
+    peer_grace: float = Field(default=60.0, gt=0)
     # TLS mode's relay processes; 0 = one per core.
     workers: int = Field(default=0, ge=0)
     # SciStream 1.2.1 protocol (scistream.Control): the data plane its sessions use, how long a `req`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
 from .bridge import StreamBridge
@@ -18,6 +19,11 @@ from .protocol import RelayProtocol
 from .udp import ClientFlowTable, UdpEntry, enlarge_receive_buffer
 
 logger = logging.getLogger("quic_relay")
+
+# After the connection ends, reconnect attempts start this soon and back off to this interval, so a
+# restarted producer side sees its client again without waiting for a new TCP connection or datagram.
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 5.0
 
 
 class _ClientProtocol(RelayProtocol):
@@ -59,8 +65,9 @@ class _ClientProtocol(RelayProtocol):
 
 
 class RelayClient:
-    """Consumer side of a relay. Reconnects (same identity and pin) when a new TCP connection
-    arrives after the QUIC connection ended; streams of the dead connection are closed."""
+    """Consumer side of a relay. Reconnects (same identity and pin) after the QUIC connection ended,
+    in the background with backoff and at once when a new TCP connection arrives; streams of the dead
+    connection are closed."""
 
     def __init__(
         self,
@@ -88,6 +95,9 @@ class RelayClient:
         self._protocol: _ClientProtocol | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._reconnect: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RECONNECT_FIRST_DELAY
+        self._absent_since: float | None = None
         self._waiting: list[tuple[StreamBridge, int]] = []  # accepted while reconnecting
         self._tcp_servers: list[asyncio.Server] = []
         self._udp_entries: list[UdpEntry] = []
@@ -144,6 +154,8 @@ class RelayClient:
             transport.close()
             raise
         self._protocol, self._transport = protocol, transport
+        self._absent_since = None
+        self._retry_delay = RECONNECT_FIRST_DELAY
         # The new server connection numbers its fragments afresh: never mix them with old ones.
         self.flows.codec.forget_fragments()
         protocol.start_keepalive()
@@ -167,6 +179,12 @@ class RelayClient:
     def connected(self) -> bool:
         protocol = self._protocol
         return protocol is not None and protocol.authenticated and not protocol.terminated
+
+    @property
+    def peer_absent_since(self) -> float | None:
+        """`time.monotonic()` since when the client has had no connection to the server; None while
+        it has one."""
+        return None if self.connected else self._absent_since
 
     async def add_tcp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
         """Listen on host:port; each connection is relayed to destination `dest_index`."""
@@ -213,15 +231,27 @@ class RelayClient:
             return
         self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_now())
 
+    def _schedule_reconnect(self, delay: float) -> None:
+        if self._closed:
+            return
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().call_later(delay, self._start_reconnect)
+
     async def _reconnect_now(self) -> None:
         logger.info("reconnecting to relay server %s:%d", *self.server)
+        tried_for = len(self._waiting)
         try:
             await self._connect()
         except RelayError as exc:
             logger.warning("%s", exc)
-            waiting, self._waiting = self._waiting, []
-            for bridge, _ in waiting:
+            # Connections that waited through this whole attempt are refused; those that arrived
+            # during it get a fresh attempt right away.
+            stale, self._waiting = self._waiting[:tried_for], self._waiting[tried_for:]
+            for bridge, _ in stale:
                 bridge.abort()
+            self._schedule_reconnect(0 if self._waiting else self._retry_delay)
+            self._retry_delay = min(2 * self._retry_delay, RECONNECT_MAX_DELAY)
             return
         waiting, self._waiting = self._waiting, []
         for bridge, dest_index in waiting:
@@ -235,12 +265,16 @@ class RelayClient:
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
+            self._absent_since = time.monotonic()
+            self._schedule_reconnect(RECONNECT_FIRST_DELAY)
 
     async def close(self) -> None:
         """Close entry points, relayed sockets and the QUIC connection. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         if self._reconnect is not None:
             self._reconnect.cancel()
         for server in self._tcp_servers:

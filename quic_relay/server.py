@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, cast
@@ -214,6 +215,7 @@ class RelayServer:
         self.allowed_fingerprint: str | None = None
         self.protocols: set[_ServerProtocol] = set()
         self._counters = Counters()
+        self._peer_absent_since = time.monotonic()
         self._endpoint = _Endpoint(self)
         self._closed = False
 
@@ -246,6 +248,7 @@ class RelayServer:
         Connections already open with another certificate are closed.
         """
         self.allowed_fingerprint = fingerprint_of(peer_cert_pem)
+        self._peer_absent_since = time.monotonic()  # the authorized client is expected from now on
         for protocol in list(self.protocols):
             if protocol.authenticated and protocol.peer_fingerprint() != self.allowed_fingerprint:
                 protocol.close(error_code=CONNECTION_UNAUTHORIZED, reason_phrase="authorization replaced")
@@ -261,7 +264,18 @@ class RelayServer:
     def counters(self) -> Counters:
         return self._counters
 
+    @property
+    def peer_absent_since(self) -> float | None:
+        """`time.monotonic()` since when no authorized client connection has been open (counted from
+        start or `authorize()`); None while one is. A dead client's connection counts until the idle
+        timeout ends it."""
+        if any(p.authenticated and not p.terminated for p in self.protocols):
+            return None
+        return self._peer_absent_since
+
     def forget(self, protocol: _ServerProtocol) -> None:
+        if protocol in self.protocols and protocol.authenticated:
+            self._peer_absent_since = time.monotonic()
         self.protocols.discard(protocol)
         self._endpoint.forget(protocol)
 

@@ -146,8 +146,13 @@ def cli() -> None:
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--default-ttl", help="Default session lease, e.g. 24h.")
+@click.option(
+    "--peer-grace",
+    help="How long an active session may lack a data-plane connection to the peer appliance "
+    "before it is FAILED, e.g. 60s [60s].",
+)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML configuration file.")
-def server(config_file: Path | None, default_ttl: str | None, **flags: Any) -> None:
+def server(config_file: Path | None, default_ttl: str | None, peer_grace: str | None, **flags: Any) -> None:
     """Run an appliance (flags override SCISTREAM_* variables, which override --config)."""
     from appliance.config import load_settings
     from appliance.control.server import serve
@@ -155,7 +160,8 @@ def server(config_file: Path | None, default_ttl: str | None, **flags: Any) -> N
 
     def settings() -> Any:
         ttl = parse_duration(default_ttl) if default_ttl else None
-        return load_settings(config_file, default_ttl=ttl, **flags)
+        grace = parse_duration(peer_grace) if peer_grace else None
+        return load_settings(config_file, default_ttl=ttl, peer_grace=grace, **flags)
 
     loaded = _validated(settings)
     configure_logging(loaded.log_format, loaded.log_level)

@@ -96,6 +96,7 @@ class Appliance:
             default_ttl=s.default_ttl,
             retention=s.retention,
             peer_timeout=timeout,
+            peer_grace=s.peer_grace,
         )
         self.legacy = _legacy_coordinator(s, self.manager, ports)
         control, peer = ControlService(self.manager), PeerService(self.manager)

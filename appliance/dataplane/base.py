@@ -65,6 +65,12 @@ class Tunnel(abc.ABC):
     def authorize(self, peer_cert_pem: bytes) -> None:  # noqa: B027 - only producer tunnels need it
         """Producer side: admit exactly this consumer side (called once Join is verified)."""
 
+    def peer_absent_for(self) -> float | None:
+        """Seconds this side's data plane has had no authenticated connection with the peer appliance;
+        None while it has one, or when the data plane cannot tell. The manager fails a session whose
+        peer stays absent longer than `peer_grace`."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Frees everything; idempotent."""

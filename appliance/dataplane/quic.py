@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 from appliance.dataplane.base import ConsumerPlan, Counters, Driver, ProducerPlan, Tunnel
 from appliance.errors import Unavailable
@@ -11,6 +12,10 @@ from appliance.sessions.ports import TCP, UDP, PortAllocator
 from quic_relay import Identity, RelayClient, RelayConfig, RelayError, RelayServer
 
 WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _seconds_since(moment: float | None) -> float | None:
+    return None if moment is None else time.monotonic() - moment
 
 
 def public(host: str, port: int, advertise_host: str) -> Address:
@@ -34,6 +39,9 @@ class _ProducerTunnel(Tunnel):
     def authorize(self, peer_cert_pem: bytes) -> None:
         self._server.authorize(peer_cert_pem)
 
+    def peer_absent_for(self) -> float | None:
+        return _seconds_since(self._server.peer_absent_since)
+
     async def close(self) -> None:
         await self._server.close()
 
@@ -50,6 +58,9 @@ class _ConsumerTunnel(Tunnel):
     def counters(self) -> Counters:
         c = self._client.counters
         return Counters(bytes_in=c.bytes_in, bytes_out=c.bytes_out)
+
+    def peer_absent_for(self) -> float | None:
+        return _seconds_since(self._client.peer_absent_since)
 
     async def close(self) -> None:
         await self._client.close()

@@ -11,10 +11,10 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
-from typing import TypeVar
 
 import structlog
 
@@ -93,6 +93,7 @@ class SessionManager:
         default_ttl: float = 24 * 3600,
         retention: float = 24 * 3600,
         peer_timeout: float = 10.0,
+        peer_grace: float = 60.0,
     ) -> None:
         self._store = store
         self._ports = ports
@@ -103,6 +104,7 @@ class SessionManager:
         self._default_ttl = default_ttl
         self._retention = retention
         self._peer_timeout = peer_timeout
+        self._peer_grace = peer_grace
         self._tunnels: dict[str, Tunnel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._nonces = tk.NonceBook()
@@ -439,9 +441,7 @@ class SessionManager:
             log.warning("session not restored", session_id=session.session_id, reason=reason)
             if secrets is not None:
                 # In the background: the peer may be restarting too, and start-up must not wait for it.
-                task = asyncio.create_task(self._tell_peer(session, secrets.secret, session.reason))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._tell_peer(session, secrets.secret, session.reason))
             return
         self._tunnels[session.session_id] = tunnel
         log.info("session restored", session_id=session.session_id, state=session.state.value)
@@ -474,9 +474,32 @@ class SessionManager:
         )
         return await driver.open_consumer(consumer, self._ports, self._advertise_host)
 
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fail_absent_peers(self) -> None:
+        """Fails ACTIVE sessions whose data plane has lacked the peer appliance for over `peer_grace`,
+        freeing their resources, and tells the peer (best effort), so neither side stays half-alive."""
+        for session_id, tunnel in list(self._tunnels.items()):
+            absent = tunnel.peer_absent_for()
+            if absent is None or absent <= self._peer_grace:
+                continue
+            async with self._lock(session_id):
+                session = self._store.get(session_id)
+                if session is None or session.state is not State.ACTIVE:
+                    continue
+                secrets = self._store.secrets(session_id)
+                peer = "consumer" if session.side is Side.PRODUCER else "producer"
+                session = await self._end(session, State.FAILED, f"{peer} appliance unreachable")
+            if secrets is not None:
+                self._in_background(self._tell_peer(session, secrets.secret, session.reason))
+
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            await self._fail_absent_peers()
             now = time.time()
             for session in self._store.all():
                 if not session.ended and session.expires_at and session.expires_at <= now:

@@ -517,3 +517,34 @@ async def test_client_reconnects_after_server_restart(server_identity, client_id
     writer.close()
     await client.close()
     await server.close()
+
+
+async def test_server_reports_since_when_its_client_is_absent(
+    server_identity, client_identity, echo_dest
+) -> None:
+    server = await start_server(server_identity, [echo_dest.address])
+    server.authorize(client_identity.cert_pem)
+    assert server.peer_absent_since is not None  # nobody connected yet
+    client = await start_client(server, client_identity, server_identity.cert_pem)
+    await wait_for_condition(lambda: server.peer_absent_since is None)
+    await client.close()
+    await wait_for_condition(lambda: server.peer_absent_since is not None)
+    await server.close()
+
+
+async def test_client_reconnects_in_the_background_after_server_restart(
+    server_identity, client_identity, echo_dest
+) -> None:
+    server = await start_server(server_identity, [echo_dest.address])
+    server.authorize(client_identity.cert_pem)
+    client = await start_client(server, client_identity, server_identity.cert_pem)
+    address = server.local_address
+    await server.close()
+    await wait_for_condition(lambda: client.peer_absent_since is not None)
+    server = await start_server(server_identity, [echo_dest.address], port=address[1])
+    server.authorize(client_identity.cert_pem)
+    # No TCP connection or datagram arrives: the client comes back on its own.
+    await wait_for_condition(lambda: client.connected and server.peer_absent_since is None, timeout=10)
+    assert client.peer_absent_since is None
+    await client.close()
+    await server.close()

@@ -1,0 +1,90 @@
+"""An ACTIVE session whose peer appliance stays unreachable longer than `peer_grace` ends FAILED on the
+side that noticed, with its resources freed; a peer that comes back in time keeps the session."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from appliance.api.scistream import v1 as api
+from appliance.control.server import Appliance
+
+from .conftest import Facility, start_facility
+from .test_sessions_api import _echo_through, _open
+
+
+async def _state_when_settled(facility: Facility, session_id: str, timeout: float) -> api.Session:
+    """The session once it ended, or as it is after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with facility.client() as client:
+            session = await client.get(session_id)
+        if session.state in (api.State.FAILED, api.State.RELEASED):
+            return session
+        if asyncio.get_running_loop().time() > deadline:
+            return session
+        await asyncio.sleep(0.2)
+
+
+def _udp_port_free(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+async def test_producer_side_fails_the_session_when_the_consumer_appliance_is_gone(
+    tmp_path: Path, echo_server: str
+) -> None:
+    a = await start_facility(tmp_path, "a", peer_grace=1.0)
+    b = await start_facility(tmp_path, "b", peer_grace=1.0)
+    try:
+        created, _ = await _open((a, b), echo_server)
+        await b.appliance.stop()
+        producer = await _state_when_settled(a, created.session.session_id, timeout=10)
+        assert producer.state == api.State.FAILED
+        assert producer.reason == "consumer appliance unreachable"
+        assert _udp_port_free(created.session.data_endpoints[0])
+    finally:
+        await b.appliance.stop()
+        await a.appliance.stop()
+
+
+async def test_consumer_side_fails_the_session_when_the_producer_appliance_stays_away(
+    tmp_path: Path, echo_server: str
+) -> None:
+    a = await start_facility(tmp_path, "a", peer_grace=1.0)
+    b = await start_facility(tmp_path, "b", peer_grace=1.0)
+    try:
+        _, joined = await _open((a, b), echo_server)
+        await a.appliance.stop()
+        consumer = await _state_when_settled(b, joined.session_id, timeout=10)
+        assert consumer.state == api.State.FAILED
+        assert consumer.reason == "producer appliance unreachable"
+    finally:
+        await b.appliance.stop()
+        await a.appliance.stop()
+
+
+async def test_a_producer_restart_within_the_grace_period_keeps_the_session(
+    tmp_path: Path, echo_server: str
+) -> None:
+    a = await start_facility(tmp_path, "a", peer_grace=4.0)
+    b = await start_facility(tmp_path, "b", peer_grace=4.0)
+    try:
+        created, joined = await _open((a, b), echo_server)
+        await a.appliance.stop()
+        a.appliance = Appliance(a.appliance.settings)
+        await a.appliance.start()
+        # Longer than the grace period, with no traffic: the consumer side reconnected on its own.
+        producer = await _state_when_settled(a, created.session.session_id, timeout=6)
+        consumer = await _state_when_settled(b, joined.session_id, timeout=0)
+        assert (producer.state, consumer.state) == (api.State.ACTIVE, api.State.ACTIVE)
+        assert await _echo_through(joined.entry_points[0], b"still here") == b"still here"
+    finally:
+        await b.appliance.stop()
+        await a.appliance.stop()
