@@ -48,7 +48,7 @@ class _FlowSocket(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
         tune(transport)
         for payload in self.queued:
-            transport.sendto(payload)
+            self.transport.sendto(payload)
         self.queued.clear()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
