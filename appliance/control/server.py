@@ -19,6 +19,7 @@ from appliance.control.legacy import LegacyControlService, pin_peer_certificate
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
 from appliance.control.tls import ensure_certificate, server_context
+from appliance.dataplane.auto import QUIC_HANDSHAKE_TIMEOUT, AutoDriver
 from appliance.dataplane.base import Driver
 from appliance.dataplane.quic import QuicDriver
 from appliance.dataplane.tls import TlsDriver
@@ -29,6 +30,7 @@ from appliance.sessions.manager import Identity, PeerLink, SessionManager
 from appliance.sessions.model import Address, Mode
 from appliance.sessions.ports import PortAllocator
 from appliance.sessions.store import SessionStore
+from quic_relay import RelayConfig
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +45,9 @@ def _descriptor_pool() -> descriptor_pool.DescriptorPool:
 
 
 def build_drivers(workers: int = 0) -> dict[Mode, Driver]:
-    return {Mode.QUIC: QuicDriver(), Mode.TLS: TlsDriver(workers)}
+    quic, tls = QuicDriver(), TlsDriver(workers)
+    fallback = AutoDriver(QuicDriver(RelayConfig(handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
+    return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
 
 class Appliance:

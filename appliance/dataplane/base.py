@@ -71,6 +71,10 @@ class Tunnel(abc.ABC):
         peer stays absent longer than `peer_grace`."""
         return None
 
+    def mode_choice(self) -> tuple[Mode, str] | None:
+        """Auto mode: the mode this tunnel runs in and why (status shows both); None for the others."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Frees everything; idempotent."""

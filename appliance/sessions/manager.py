@@ -157,7 +157,7 @@ class SessionManager:
         if not destinations:
             raise InvalidArgument("at least one destination HOST:PORT is required")
         num_conn = self._check_num_conn(num_conn)
-        driver = self._driver(mode)
+        driver = self._driver(mode, pick=True)
         session_id = session_id or str(uuid.uuid4())
         secret = secret or tk.new_secret()
         credentials = self._credentials(session_id)
@@ -174,7 +174,7 @@ class SessionManager:
         )
         plan = ProducerPlan(session_id, protocol, session.destinations, credentials)
         tunnel = await driver.open_producer(plan, self._ports, self._advertise_host)
-        session = replace(session, data_endpoints=tunnel.addresses)
+        session = _with_mode_choice(replace(session, data_endpoints=tunnel.addresses), tunnel)
         self._tunnels[session_id] = tunnel
         self._store.put(session, self._secrets(secret, credentials))
         ticket = tk.Ticket(
@@ -253,7 +253,7 @@ class SessionManager:
                 raise
         finally:
             peer.close()
-        session = replace(session, entry_points=tunnel.addresses)
+        session = _with_mode_choice(replace(session, entry_points=tunnel.addresses), tunnel)
         self._tunnels[session_id] = tunnel
         secrets = self._secrets(ticket.secret, credentials, peer_cert=response.data_certificate)
         self._store.put(session, secrets)
@@ -536,9 +536,11 @@ class SessionManager:
         counters = tunnel.counters()
         return replace(session, bytes_in=counters.bytes_in, bytes_out=counters.bytes_out)
 
-    def _driver(self, mode: Mode) -> Driver:
-        if mode is Mode.AUTO:
-            for preferred in (Mode.WIREGUARD, Mode.QUIC, Mode.TLS):
+    def _driver(self, mode: Mode, *, pick: bool = False) -> Driver:
+        """The driver of `mode`. With `pick` (session init), auto means the best available; elsewhere
+        (a ticket, a restore) it means the auto driver: QUIC with a TLS fallback."""
+        if mode is Mode.AUTO and pick:
+            for preferred in (Mode.WIREGUARD, Mode.AUTO, Mode.QUIC, Mode.TLS):
                 if preferred in self._drivers:
                     return self._drivers[preferred]
         driver = self._drivers.get(mode)
@@ -598,6 +600,12 @@ def _parse(kind: type[_E], value: str) -> _E:
         return kind(value)
     except ValueError:
         raise InvalidArgument(f"ticket names an unknown {kind.__name__.lower()} {value!r}") from None
+
+
+def _with_mode_choice(session: Session, tunnel: Tunnel) -> Session:
+    """The session with the mode its tunnel chose, and why, where it chose one (auto mode)."""
+    choice = tunnel.mode_choice()
+    return session if choice is None else replace(session, mode=choice[0], reason=choice[1])
 
 
 def _peer_server_name(session: Session) -> str:
