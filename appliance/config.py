@@ -13,6 +13,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from appliance.dataplane.wireguard.pool import DEFAULT_POOL as DEFAULT_TUNNEL_POOL
+from appliance.dataplane.wireguard.pool import parse_pool
 from appliance.errors import InvalidArgument
 from appliance.sessions.model import Address
 from appliance.sessions.ports import PortRange
@@ -51,6 +53,10 @@ class Settings(BaseSettings):
     default_ttl: float = Field(default=24 * 3600, gt=0)
     retention: float = Field(default=24 * 3600, ge=0)
     wireguard_port: int = DEFAULT_WIREGUARD_PORT
+    # WireGuard mode: `kernel` (pyroute2), `userspace` (wireguard-go), or `auto` (kernel if it works);
+    # tunnel addresses come from `wireguard_pool` (one IPv4 and at most one IPv6 network).
+    wireguard_backend: Literal["auto", "kernel", "userspace"] = "auto"
+    wireguard_pool: str = DEFAULT_TUNNEL_POOL
     peer_timeout: float = Field(default=10.0, gt=0)
     # Seconds an ACTIVE session's data plane may stay without a connection to the peer appliance
     # before the session is FAILED (both sides check; the peer is told when it can be reached).
@@ -69,6 +75,12 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_range(cls, value: str) -> str:
         PortRange.parse(value)
+        return value
+
+    @field_validator("wireguard_pool")
+    @classmethod
+    def _valid_pool(cls, value: str) -> str:
+        parse_pool(value)
         return value
 
     @field_validator("listen")

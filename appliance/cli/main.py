@@ -143,6 +143,14 @@ def cli() -> None:
 @click.option(
     "--workers", type=click.IntRange(min=0), help="TLS mode relay processes [0: one per core]."
 )
+@click.option(
+    "--wireguard-backend",
+    type=click.Choice(["auto", "kernel", "userspace"]),
+    help="WireGuard mode's backend [auto: kernel if it works, else wireguard-go].",
+)
+@click.option(
+    "--wireguard-pool", help="Tunnel address pool, CIDR[,CIDR] [100.64.0.0/10,fd5c:5157:7e00::/48]."
+)
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--default-ttl", help="Default session lease, e.g. 24h.")

@@ -23,6 +23,7 @@ from appliance.dataplane.auto import QUIC_HANDSHAKE_TIMEOUT, AutoDriver
 from appliance.dataplane.base import Driver
 from appliance.dataplane.quic import QuicDriver
 from appliance.dataplane.tls import TlsDriver
+from appliance.dataplane.wireguard import build_driver as build_wireguard_driver
 from appliance.errors import Unavailable
 from appliance.metrics import serve_metrics
 from appliance.sessions.legacy import LegacyCoordinator
@@ -65,6 +66,9 @@ class Appliance:
     async def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        wireguard = build_wireguard_driver(s.wireguard_backend, s.wireguard_pool, s.state_dir)
+        if wireguard is not None:
+            self._drivers[Mode.WIREGUARD] = wireguard
         authenticator = build_authenticator(
             s.auth,
             tokens_file=s.tokens_file,

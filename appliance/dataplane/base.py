@@ -16,6 +16,23 @@ class Credentials:
     cert_pem: bytes
     key_pem: bytes
     server_name: str
+    preshared_key: bytes = b""  # WireGuard: derived from the session secret on both sides
+
+
+@dataclass(frozen=True)
+class WireGuardPeer:
+    """One side's WireGuard parameters, exchanged through Peer.Join (never a private key)."""
+
+    public_key: bytes  # raw X25519, 32 bytes
+    tunnel_addresses: tuple[str, ...]  # this side's tunnel addresses, CIDR, one per address family
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What the other side presented at Join: its data-plane certificate and, in WireGuard mode, keys."""
+
+    cert_pem: bytes
+    wireguard: WireGuardPeer | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class ProducerPlan:
     destinations: tuple[Address, ...]
     credentials: Credentials
     data_endpoints: tuple[Address, ...] = ()  # set when restoring: bind the same ports again
+    saved_state: bytes = b""  # set when restoring: what the tunnel's saved_state() returned
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class ConsumerPlan:
     num_conn: int
     entry_ports: tuple[int, ...] = ()  # explicit ports, in order; missing ones come from the range
     bind_host: str = ""
+    peer_wireguard: WireGuardPeer | None = None
+    saved_state: bytes = b""  # set when restoring: what the tunnel's saved_state() returned
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,22 @@ class Tunnel(abc.ABC):
         peer stays absent longer than `peer_grace`."""
         return None
 
+    def admit(self, peer: PeerIdentity) -> None:
+        """Producer side: admit exactly this consumer side, as it presented itself at Join.
+
+        Certificate-based tunnels need only `authorize`; WireGuard tunnels override this.
+        """
+        self.authorize(peer.cert_pem)
+
+    @property
+    def wireguard(self) -> WireGuardPeer | None:
+        """This side's WireGuard parameters, for the peer (WireGuard tunnels only)."""
+        return None
+
+    def saved_state(self) -> bytes:
+        """Secret state to keep with the session's secrets and hand back when restoring (may be empty)."""
+        return b""
+
     def mode_choice(self) -> tuple[Mode, str] | None:
         """Auto mode: the mode this tunnel runs in and why (status shows both); None for the others."""
         return None
@@ -82,6 +118,17 @@ class Tunnel(abc.ABC):
 
 class Driver(abc.ABC):
     mode: Mode
+    auto_eligible: bool = True  # whether `--mode auto` may pick this driver
+
+    def prepare_consumer(self, session_id: str) -> WireGuardPeer | None:
+        """Consumer side, before Join: what to offer the producer side (WireGuard keys and addresses)."""
+        return None
+
+    def abandon(self, session_id: str) -> None:  # noqa: B027 - only drivers that prepare need it
+        """Frees what prepare_consumer reserved when the Join does not go through."""
+
+    async def sweep(self, live: set[str]) -> None:  # noqa: B027 - only drivers with host state need it
+        """At start, after restoring: removes what earlier processes left for sessions not in `live`."""
 
     @abc.abstractmethod
     async def open_producer(self, plan: ProducerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:

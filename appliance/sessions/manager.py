@@ -20,7 +20,16 @@ import structlog
 
 from appliance.api.scistream import v1 as api
 from appliance.auth import ADMIN_ROLE, Principal
-from appliance.dataplane.base import ConsumerPlan, Credentials, Driver, ProducerPlan, Tunnel
+from appliance.dataplane.base import (
+    ConsumerPlan,
+    Credentials,
+    Driver,
+    PeerIdentity,
+    ProducerPlan,
+    Tunnel,
+    WireGuardPeer,
+)
+from appliance.dataplane.wireguard.keys import derive_preshared_key
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
@@ -77,6 +86,8 @@ def join_transcript(request: api.JoinRequest) -> tuple[bytes | str, ...]:
         request.consumer_address,
         request.consumer_fingerprint,
         _digest(request.data_certificate),
+        request.wireguard.public_key,
+        ",".join(request.wireguard.tunnel_addresses),
     )
 
 
@@ -119,6 +130,9 @@ class SessionManager:
         for session in self._store.all():
             if not session.ended:
                 await self._restore(session)
+        live = {s.session_id for s in self._store.all() if not s.ended}
+        for driver in self._drivers.values():
+            await driver.sweep(live)  # what a killed process left for sessions that are gone
         self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
 
     async def stop(self) -> None:
@@ -160,7 +174,7 @@ class SessionManager:
         driver = self._driver(mode, pick=True)
         session_id = session_id or str(uuid.uuid4())
         secret = secret or tk.new_secret()
-        credentials = self._credentials(session_id)
+        credentials = self._credentials(session_id, secret)
         session = Session(
             session_id=session_id,
             side=Side.PRODUCER,
@@ -176,7 +190,7 @@ class SessionManager:
         tunnel = await driver.open_producer(plan, self._ports, self._advertise_host)
         session = _with_mode_choice(replace(session, data_endpoints=tunnel.addresses), tunnel)
         self._tunnels[session_id] = tunnel
-        self._store.put(session, self._secrets(secret, credentials))
+        self._store.put(session, self._secrets(secret, credentials, data_plane=tunnel.saved_state()))
         ticket = tk.Ticket(
             producer_address=self._identity.address,
             producer_fingerprint=self._identity.fingerprint,
@@ -212,10 +226,11 @@ class SessionManager:
             if not 1 <= port <= 65535:
                 raise InvalidArgument(f"entry port {port} is outside 1-65535")
         session_id = session_id or str(uuid.uuid4())
-        credentials = self._credentials(session_id)
+        credentials = self._credentials(session_id, ticket.secret)
         peer = self._connect_peer(ticket.producer_address, ticket.producer_fingerprint)
         try:
-            response = await self._redeem(peer, ticket, session_id, credentials)
+            offer = driver.prepare_consumer(session_id)
+            response = await self._redeem(peer, ticket, session_id, credentials, offer)
             session = Session(
                 session_id=session_id,
                 side=Side.CONSUMER,
@@ -243,6 +258,7 @@ class SessionManager:
                 num_conn=session.num_conn,
                 entry_ports=tuple(entry_ports or ()),
                 bind_host=bind_host,
+                peer_wireguard=_wireguard_from_api(response.wireguard),
             )
             try:
                 tunnel = await driver.open_consumer(plan, self._ports, self._advertise_host)
@@ -251,11 +267,16 @@ class SessionManager:
                 reason = exc.message if isinstance(exc, ApplianceError) else "consumer side failed to start"
                 await self._send_leave(peer, ticket.secret, ticket.session_id, f"join failed: {reason}")
                 raise
+        except BaseException:
+            driver.abandon(session_id)
+            raise
         finally:
             peer.close()
         session = _with_mode_choice(replace(session, entry_points=tunnel.addresses), tunnel)
         self._tunnels[session_id] = tunnel
-        secrets = self._secrets(ticket.secret, credentials, peer_cert=response.data_certificate)
+        secrets = self._secrets(
+            ticket.secret, credentials, peer_cert=response.data_certificate, data_plane=tunnel.saved_state()
+        )
         self._store.put(session, secrets)
         log.info("session joined", session_id=session_id, side="consumer", peer_session=ticket.session_id)
         await self._notify()
@@ -314,14 +335,18 @@ class SessionManager:
                 raise PermissionDenied("join refused: the proof does not match the session secret")
             if not request.data_certificate:
                 raise InvalidArgument("join refused: no data-plane certificate")
-            self._tunnels[session.session_id].authorize(request.data_certificate)
+            tunnel = self._tunnels[session.session_id]
+            tunnel.admit(PeerIdentity(request.data_certificate, _wireguard_from_api(request.wireguard)))
             session = replace(
                 session.transition(State.ACTIVE),
                 peer_address=request.consumer_address,
                 peer_fingerprint=request.consumer_fingerprint,
                 peer_session_id=request.consumer_session_id,
             )
-            self._store.put(session, replace(secrets, peer_cert_pem=request.data_certificate))
+            secrets = replace(
+                secrets, peer_cert_pem=request.data_certificate, data_plane=tunnel.saved_state()
+            )
+            self._store.put(session, secrets)
             self._nonces.forget(session.session_id)
         log.info("session active", session_id=session.session_id, peer=request.consumer_address)
         await self._notify()
@@ -335,6 +360,8 @@ class SessionManager:
             server_name=secrets.server_name,
             rate_bps=session.rate_bps,
         )
+        if tunnel.wireguard is not None:
+            response.wireguard = _wireguard_to_api(tunnel.wireguard)
         response.proof = tk.mac(secrets.secret, tk.ACCEPT_LABEL, *_accept_items(request, response))
         return response
 
@@ -360,7 +387,12 @@ class SessionManager:
     # ---- internals ---------------------------------------------------------------------------
 
     async def _redeem(
-        self, peer: PeerLink, ticket: tk.Ticket, session_id: str, credentials: Credentials
+        self,
+        peer: PeerLink,
+        ticket: tk.Ticket,
+        session_id: str,
+        credentials: Credentials,
+        offer: WireGuardPeer | None = None,
     ) -> api.JoinResponse:
         timeout = self._peer_timeout
         challenge = await asyncio.wait_for(
@@ -375,6 +407,8 @@ class SessionManager:
             consumer_fingerprint=self._identity.fingerprint,
             data_certificate=credentials.cert_pem,
         )
+        if offer is not None:
+            request.wireguard = _wireguard_to_api(offer)
         request.proof = tk.mac(ticket.secret, tk.JOIN_LABEL, *join_transcript(request))
         response = await asyncio.wait_for(peer.join(request), timeout)
         if not tk.verify(ticket.secret, response.proof, tk.ACCEPT_LABEL, *_accept_items(request, response)):
@@ -448,7 +482,8 @@ class SessionManager:
 
     async def _reopen(self, session: Session, secrets: SessionSecrets) -> Tunnel:
         driver = self._driver(session.mode)
-        credentials = Credentials(secrets.cert_pem, secrets.key_pem, secrets.server_name)
+        psk = derive_preshared_key(secrets.secret)
+        credentials = Credentials(secrets.cert_pem, secrets.key_pem, secrets.server_name, psk)
         if session.side is Side.PRODUCER:
             plan = ProducerPlan(
                 session.session_id,
@@ -456,6 +491,7 @@ class SessionManager:
                 session.destinations,
                 credentials,
                 session.data_endpoints,
+                secrets.data_plane,
             )
             tunnel = await driver.open_producer(plan, self._ports, self._advertise_host)
             if secrets.peer_cert_pem:
@@ -471,6 +507,7 @@ class SessionManager:
             destination_count=max(1, len(session.destinations)),
             num_conn=session.num_conn,
             entry_ports=tuple(a.port for a in session.entry_points),
+            saved_state=secrets.data_plane,
         )
         return await driver.open_consumer(consumer, self._ports, self._advertise_host)
 
@@ -541,7 +578,7 @@ class SessionManager:
         (a ticket, a restore) it means the auto driver: QUIC with a TLS fallback."""
         if mode is Mode.AUTO and pick:
             for preferred in (Mode.WIREGUARD, Mode.AUTO, Mode.QUIC, Mode.TLS):
-                if preferred in self._drivers:
+                if preferred in self._drivers and self._drivers[preferred].auto_eligible:
                     return self._drivers[preferred]
         driver = self._drivers.get(mode)
         if driver is None:
@@ -563,19 +600,22 @@ class SessionManager:
         return num_conn or 1
 
     @staticmethod
-    def _credentials(session_id: str) -> Credentials:
+    def _credentials(session_id: str, secret: bytes) -> Credentials:
         server_name = f"{session_id}.session.scistream"
         identity = generate_identity(server_name)
-        return Credentials(identity.cert_pem, identity.key_pem, server_name)
+        return Credentials(identity.cert_pem, identity.key_pem, server_name, derive_preshared_key(secret))
 
     @staticmethod
-    def _secrets(secret: bytes, credentials: Credentials, peer_cert: bytes = b"") -> SessionSecrets:
+    def _secrets(
+        secret: bytes, credentials: Credentials, peer_cert: bytes = b"", data_plane: bytes = b""
+    ) -> SessionSecrets:
         return SessionSecrets(
             secret=secret,
             cert_pem=credentials.cert_pem,
             key_pem=credentials.key_pem,
             server_name=credentials.server_name,
             peer_cert_pem=peer_cert,
+            data_plane=data_plane,
         )
 
 
@@ -589,7 +629,20 @@ def _accept_items(request: api.JoinRequest, response: api.JoinResponse) -> tuple
         response.num_conn,
         int(response.mode),
         int(response.protocol),
+        response.wireguard.public_key,
+        ",".join(response.wireguard.tunnel_addresses),
     )
+
+
+def _wireguard_from_api(message: api.WireGuardPeer) -> WireGuardPeer | None:
+    """None when the message is empty (modes other than WireGuard)."""
+    if not (message.public_key or message.tunnel_addresses):
+        return None
+    return WireGuardPeer(message.public_key, tuple(message.tunnel_addresses))
+
+
+def _wireguard_to_api(peer: WireGuardPeer) -> api.WireGuardPeer:
+    return api.WireGuardPeer(public_key=peer.public_key, tunnel_addresses=list(peer.tunnel_addresses))
 
 
 _E = TypeVar("_E", Mode, Protocol)

@@ -36,6 +36,7 @@ class SessionSecrets:
     key_pem: bytes
     server_name: str
     peer_cert_pem: bytes = b""
+    data_plane: bytes = b""  # the tunnel's saved_state() (WireGuard: private key, peer, addresses)
 
 
 def _session_to_json(session: Session) -> str:
@@ -70,6 +71,7 @@ def _secrets_from_json(text: str) -> SessionSecrets:
         key_pem=bytes.fromhex(data["key_pem"]),
         server_name=data["server_name"],
         peer_cert_pem=bytes.fromhex(data["peer_cert_pem"]),
+        data_plane=bytes.fromhex(data.get("data_plane", "")),
     )
 
 

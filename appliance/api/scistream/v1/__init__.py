@@ -230,6 +230,11 @@ class JoinRequest(betterproto.Message):
     proof: bytes = betterproto.bytes_field(8)
     """HMAC-SHA256(secret, join transcript)."""
 
+    wireguard: "WireGuardPeer" = betterproto.message_field(9)
+    """
+    WireGuard mode: the consumer side's public key and proposed tunnel addresses.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class JoinResponse(betterproto.Message):
@@ -255,6 +260,25 @@ class JoinResponse(betterproto.Message):
     """
 
     rate_bps: int = betterproto.uint64_field(9)
+    wireguard: "WireGuardPeer" = betterproto.message_field(10)
+    """WireGuard mode: the producer side's public key and tunnel addresses."""
+
+
+@dataclass(eq=False, repr=False)
+class WireGuardPeer(betterproto.Message):
+    """
+    One side's WireGuard parameters. Private keys never leave their appliance; the preshared key is
+     derived from the session secret on both sides, so it never crosses the wire either.
+    """
+
+    public_key: bytes = betterproto.bytes_field(1)
+    """Raw X25519 public key, 32 bytes."""
+
+    tunnel_addresses: List[str] = betterproto.string_field(2)
+    """
+    This side's tunnel addresses, CIDR, one per address family (IPv4 first). Both sides' addresses
+     lie in the same blocks: the consumer side proposes them, the producer side takes the first host.
+    """
 
 
 @dataclass(eq=False, repr=False)

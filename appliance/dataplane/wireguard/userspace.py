@@ -1,0 +1,163 @@
+"""The userspace backend: one supervised `wireguard-go -f IFACE` per device, configured over UAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from appliance.dataplane.wireguard import links
+from appliance.dataplane.wireguard.backend import Backend, BackendError, DeviceConfig
+from appliance.dataplane.wireguard.uapi import (
+    PeerStats,
+    UapiError,
+    get_device,
+    peer_stats,
+    set_device,
+    socket_path,
+)
+
+START_TIMEOUT = 5.0
+STOP_TIMEOUT = 3.0
+
+
+def uapi_items(config: DeviceConfig) -> list[tuple[str, str]]:
+    """The `set=1` lines for `config` (hex keys; the peer replaces any other)."""
+    items = [("private_key", config.private_key.hex()), ("listen_port", str(config.listen_port))]
+    items.append(("replace_peers", "true"))
+    peer = config.peer
+    if peer is not None:
+        items += [("public_key", peer.public_key.hex()), ("preshared_key", peer.preshared_key.hex())]
+        if peer.endpoint is not None:
+            host, port = peer.endpoint
+            items.append(("endpoint", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
+        items.append(("persistent_keepalive_interval", str(peer.keepalive)))
+        items.append(("replace_allowed_ips", "true"))
+        items += [("allowed_ip", cidr) for cidr in peer.allowed_ips]
+    return items
+
+
+class UserspaceBackend(Backend):
+    name = "userspace"
+
+    def __init__(self, binary: str = "wireguard-go", log_dir: Path | None = None) -> None:
+        self._binary = binary
+        self._log_dir = log_dir
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def create(self, ifname: str) -> None:
+        await _kill_strays(ifname)
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(ifname).unlink()
+        log = self._log_file(ifname)
+        out = log.open("wb") if log else None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._binary,
+                "-f",
+                ifname,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out or asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.STDOUT,
+                # Its own session: signals meant for the appliance's group must not stop the tunnel.
+                start_new_session=True,
+                env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
+            )
+        except OSError as exc:
+            raise BackendError(f"cannot start {self._binary}: {exc.strerror}") from None
+        finally:
+            if out:
+                out.close()
+        self._procs[ifname] = proc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while not socket_path(ifname).exists():
+            if proc.returncode is not None or loop.time() > deadline:
+                await self.destroy(ifname)
+                raise BackendError(f"wireguard-go could not create {ifname}: {self._last_line(ifname)}")
+            await asyncio.sleep(0.01)
+
+    def configure(self, ifname: str, config: DeviceConfig) -> None:
+        try:
+            set_device(ifname, uapi_items(config))
+        except UapiError as exc:
+            raise BackendError(str(exc)) from None
+
+    def stats(self, ifname: str) -> PeerStats:
+        try:
+            return peer_stats(get_device(ifname))
+        except UapiError as exc:
+            raise BackendError(str(exc)) from None
+
+    async def destroy(self, ifname: str) -> None:
+        proc = self._procs.pop(ifname, None)
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await _kill_strays(ifname)
+        links.delete(ifname)
+        with contextlib.suppress(FileNotFoundError):
+            socket_path(ifname).unlink()
+        log = self._log_file(ifname)
+        if log:
+            log.unlink(missing_ok=True)
+
+    async def wait_failed(self, ifname: str) -> str:
+        proc = self._procs.get(ifname)
+        if proc is None:
+            return "wireguard-go is not running"
+        code = await proc.wait()
+        return f"wireguard-go exited with status {code}: {self._last_line(ifname)}"
+
+    async def sweep(self, prefix: str, keep: set[str]) -> list[str]:
+        found = {name for _, name in _wireguard_go_processes() if name.startswith(prefix)}
+        found |= set(links.names(prefix))
+        if socket_path("x").parent.is_dir():
+            found |= {p.name[:-5] for p in socket_path("x").parent.glob(f"{prefix}*.sock")}
+        stale = sorted(found - keep)
+        for name in stale:
+            await self.destroy(name)
+        return stale
+
+    def _log_file(self, ifname: str) -> Path | None:
+        return self._log_dir / f"{ifname}.log" if self._log_dir else None
+
+    def _last_line(self, ifname: str) -> str:
+        log = self._log_file(ifname)
+        lines = log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
+        return lines[-1] if lines else "no output"
+
+
+def _wireguard_go_processes() -> list[tuple[int, str]]:
+    """(pid, interface) of every `wireguard-go -f IFACE` on this host (any namespace)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) >= 3 and os.path.basename(argv[0]) == b"wireguard-go" and argv[1] == b"-f":
+            found.append((int(entry.name), argv[2].decode(errors="replace")))
+    return found
+
+
+async def _kill_strays(ifname: str) -> None:
+    """Kills a wireguard-go left for `ifname` by an earlier appliance process (e.g. after SIGKILL)."""
+    pids = [pid for pid, name in _wireguard_go_processes() if name == ifname]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        for _ in range(int(STOP_TIMEOUT / 0.05)):
+            # A killed process's cmdline reads empty (zombie), so it no longer matches.
+            if not any(name == ifname for _, name in _wireguard_go_processes()):
+                return
+            await asyncio.sleep(0.05)
