@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import signal
 import socket
 import sys
 from typing import Any
@@ -127,6 +128,10 @@ def _raise_file_limit() -> None:
 
 
 def main(argv: list[str]) -> int:
+    # A signal to the appliance's process group is for the control process, which stops us in order
+    # (we exit when it closes our channel, or dies); otherwise it would see us die and restart us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="tlsrelay[%(process)d] %(levelname)s %(message)s")
     _raise_file_limit()
     channel = socket.socket(fileno=int(argv[1]))
