@@ -122,7 +122,7 @@ def server_flags(
 @click.option("--hello_timeout", "--hello-timeout", type=float, help="Seconds a req waits for hello [180].")
 @click.option("--peer_port", "--peer-port", type=int, help="Control port of producer appliances [5000].")
 @click.option("--ssl", type=bool, default=True, help="False: plaintext control channel (development only).")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--v", "--verbose", "verbose", is_flag=True, help="Debug logging.")
 @click.option("--version", is_flag=True, help="Print the version and exit.")
 def s2cs(
     listener_ip: str,
