@@ -84,4 +84,14 @@ class QuicMode(ApplianceMode):
     mode_name = "quic"
 
 
-PATHS: dict[str, type[BenchPath]] = {cls.name: cls for cls in (Direct, QuicMode)}
+class TlsMode(ApplianceMode):
+    name = "tls"
+    label = "SciStream TLS mode"
+    mode_name = "tls"
+
+
+PATHS: dict[str, type[BenchPath]] = {cls.name: cls for cls in (Direct, QuicMode, TlsMode)}
+
+from bench.stunnel import STUNNEL_PATHS  # noqa: E402 - the yardsticks subclass BenchPath, defined above
+
+PATHS.update(STUNNEL_PATHS)

@@ -156,6 +156,8 @@ class Splice:
     # ---- events ----------------------------------------------------------------------------
 
     def received(self, leg: Leg, data: bytes) -> None:
+        if self._done:
+            return  # the other leg is gone: nothing can be relayed any more
         if leg is self.plain:
             self._counters.bytes_in += len(data)
             if self._tunnel_ready and self.tunnel.transport is not None:
@@ -189,6 +191,8 @@ class Splice:
             transport.write_eof()
 
     def eof(self, leg: Leg) -> None:
+        if self._done:
+            return
         if leg is self.plain:
             self._plain_ended = True
             if self._tunnel_ready and self.tunnel.transport is not None:

@@ -3,6 +3,9 @@
 Serves the commands of the control process on the SOCK_SEQPACKET socket FD, runs the relays of the
 sessions it is given on uvloop, and reports their counters. Exits when the control process closes
 the socket (or dies), so a relay process never outlives its appliance.
+
+With TLSRELAY_PROFILE=PREFIX in the appliance's environment, each relay process writes a cProfile
+profile to PREFIX.PID when it exits (read it with `python -m pstats`): where a relay's time goes.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import socket
@@ -22,6 +26,7 @@ from .sessions import ConsumerRelay, ConsumerSpec, ProducerRelay, ProducerSpec
 
 logger = logging.getLogger("scistream.tlsrelay")
 REPORT_INTERVAL = 0.5
+PROFILE_VARIABLE = "TLSRELAY_PROFILE"
 
 
 class Worker:
@@ -141,7 +146,19 @@ def main(argv: list[str]) -> int:
         runner: Any = uvloop.run
     except ImportError:  # uvloop is a dependency; this keeps a broken install usable, only slower
         runner = asyncio.run
-    runner(Worker(channel).run())
+    profile = os.environ.get(PROFILE_VARIABLE)
+    if not profile:
+        runner(Worker(channel).run())
+        return 0
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        runner(Worker(channel).run())
+    finally:
+        profiler.disable()
+        profiler.dump_stats(f"{profile}.{os.getpid()}")
     return 0
 
 
