@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # tunnel addresses come from `wireguard_pool` (one IPv4 and at most one IPv6 network).
     wireguard_backend: Literal["auto", "kernel", "userspace"] = "auto"
     wireguard_pool: str = DEFAULT_TUNNEL_POOL
+    wireguard_go: str = "wireguard-go"  # the userspace backend's program
     peer_timeout: float = Field(default=10.0, gt=0)
     # Seconds an ACTIVE session's data plane may stay without a connection to the peer appliance
     # before the session is FAILED (both sides check; the peer is told when it can be reached).

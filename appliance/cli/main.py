@@ -151,6 +151,7 @@ def cli() -> None:
 @click.option(
     "--wireguard-pool", help="Tunnel address pool, CIDR[,CIDR] [100.64.0.0/10,fd5c:5157:7e00::/48]."
 )
+@click.option("--wireguard-go", help="wireguard-go program for the userspace backend [wireguard-go].")
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--default-ttl", help="Default session lease, e.g. 24h.")

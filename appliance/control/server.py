@@ -66,7 +66,7 @@ class Appliance:
     async def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        wireguard = build_wireguard_driver(s.wireguard_backend, s.wireguard_pool, s.state_dir)
+        wireguard = build_wireguard_driver(s.wireguard_backend, s.wireguard_pool, s.state_dir, s.wireguard_go)
         if wireguard is not None:
             self._drivers[Mode.WIREGUARD] = wireguard
         authenticator = build_authenticator(

@@ -25,6 +25,7 @@ class WireGuardPeer:
 
     public_key: bytes  # raw X25519, 32 bytes
     tunnel_addresses: tuple[str, ...]  # this side's tunnel addresses, CIDR, one per address family
+    endpoint: str = ""  # HOST:PORT this side's device listens at (the consumer side's; for restarts)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class Driver(abc.ABC):
     mode: Mode
     auto_eligible: bool = True  # whether `--mode auto` may pick this driver
 
-    def prepare_consumer(self, session_id: str) -> WireGuardPeer | None:
+    def prepare_consumer(
+        self, session_id: str, ports: PortAllocator, advertise_host: str
+    ) -> WireGuardPeer | None:
         """Consumer side, before Join: what to offer the producer side (WireGuard keys and addresses)."""
         return None
 

@@ -88,6 +88,7 @@ def join_transcript(request: api.JoinRequest) -> tuple[bytes | str, ...]:
         _digest(request.data_certificate),
         request.wireguard.public_key,
         ",".join(request.wireguard.tunnel_addresses),
+        request.wireguard.endpoint,
     )
 
 
@@ -229,7 +230,7 @@ class SessionManager:
         credentials = self._credentials(session_id, ticket.secret)
         peer = self._connect_peer(ticket.producer_address, ticket.producer_fingerprint)
         try:
-            offer = driver.prepare_consumer(session_id)
+            offer = driver.prepare_consumer(session_id, self._ports, self._advertise_host)
             response = await self._redeem(peer, ticket, session_id, credentials, offer)
             session = Session(
                 session_id=session_id,
@@ -638,11 +639,13 @@ def _wireguard_from_api(message: api.WireGuardPeer) -> WireGuardPeer | None:
     """None when the message is empty (modes other than WireGuard)."""
     if not (message.public_key or message.tunnel_addresses):
         return None
-    return WireGuardPeer(message.public_key, tuple(message.tunnel_addresses))
+    return WireGuardPeer(message.public_key, tuple(message.tunnel_addresses), message.endpoint)
 
 
 def _wireguard_to_api(peer: WireGuardPeer) -> api.WireGuardPeer:
-    return api.WireGuardPeer(public_key=peer.public_key, tunnel_addresses=list(peer.tunnel_addresses))
+    return api.WireGuardPeer(
+        public_key=peer.public_key, tunnel_addresses=list(peer.tunnel_addresses), endpoint=peer.endpoint
+    )
 
 
 _E = TypeVar("_E", Mode, Protocol)

@@ -280,6 +280,7 @@ class Appliance:
         self.process: subprocess.Popen[bytes] | None = None
         self.admin_token = ""
         self.bob_token = ""
+        self.extra_args: list[str] = []  # more `scistream server` flags, for unusual settings
 
     def create_tokens(self) -> None:
         """Admin "alice" and plain "bob", with `scistream token create` (before the first start)."""
@@ -329,6 +330,7 @@ class Appliance:
             self.port_range,
             "--log-format",
             "json",
+            *self.extra_args,
             log=self.log_file,
         )
 

@@ -44,7 +44,7 @@ class WireGuardDriver(Driver):
         self.backend = backend
         self._pool = pool
         self._prefix = f"{PREFIX}{tag}"
-        self._pending: dict[str, tuple[bytes, tuple[Network, ...]]] = {}
+        self._pending: dict[str, tuple[bytes, tuple[Network, ...], int]] = {}
         # `auto` picks WireGuard only where the kernel carries it (DESIGN.md §2).
         self.auto_eligible = backend.name == "kernel"
         self._forwarding_checked = False
@@ -61,7 +61,8 @@ class WireGuardDriver(Driver):
             port = ports.claim(plan.session_id, state.listen_port, UDP)
         else:
             port = ports.allocate(plan.session_id, UDP)
-            state = WireGuardState(self.ifname(plan.session_id), keys.generate_private_key().hex(), port)
+            private_key = keys.generate_private_key().hex()
+            state = WireGuardState(self.ifname(plan.session_id), "producer", private_key, port)
         template = rules.ProducerRules(state.ifname, plan.protocol.value, (), destinations)
         tunnel = WireGuardTunnel(
             plan.session_id,
@@ -84,28 +85,36 @@ class WireGuardDriver(Driver):
 
     # ---- consumer side -------------------------------------------------------------------------
 
-    def prepare_consumer(self, session_id: str) -> WireGuardPeer:
+    def prepare_consumer(self, session_id: str, ports: PortAllocator, advertise_host: str) -> WireGuardPeer:
+        """A key pair, a block of tunnel addresses and a listen port for the consumer side's device.
+
+        The port is an ephemeral one, not from the data port range: entry points need both TCP and
+        UDP numbers of the range (iperf3 does), and only the producer side ever sends to this port.
+        """
         private_key = keys.generate_private_key()
         blocks = self._pool.allocate(session_id)
-        self._pending[session_id] = (private_key, blocks)
+        port = _ephemeral_udp_port(ports.bind_host)
+        self._pending[session_id] = (private_key, blocks, port)
         addresses = tuple(host_address(b, CONSUMER) for b in blocks)
-        return WireGuardPeer(keys.public_key(private_key), addresses)
+        endpoint = str(public(ports.bind_host, port, advertise_host))
+        return WireGuardPeer(keys.public_key(private_key), addresses, endpoint)
 
     def abandon(self, session_id: str) -> None:
-        if self._pending.pop(session_id, None) is not None:
+        pending = self._pending.pop(session_id, None)
+        if pending is not None:
             self._pool.release(session_id)
 
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
-        if plan.saved_state:
-            state = WireGuardState.decode(plan.saved_state)
-        else:
-            state = self._new_consumer_state(plan)
-            state.peer_endpoint = list(await _resolve(plan.data_endpoints[0]))
         kind = UDP if plan.protocol is Protocol.UDP else TCP
         host = plan.bind_host or ports.bind_host
         reservations: list[socket.socket] = []
         entry_points: list[Address] = []
         try:
+            if plan.saved_state:
+                state = WireGuardState.decode(plan.saved_state)
+            else:
+                state = self._new_consumer_state(plan)
+                state.peer_endpoint = list(await _resolve(plan.data_endpoints[0]))
             await self._reclaim(plan.session_id, state)
             for index in range(plan.num_conn):
                 port = _entry_port(plan, ports, index, kind)
@@ -142,21 +151,18 @@ class WireGuardDriver(Driver):
         pending = self._pending.pop(plan.session_id, None)
         if pending is None:
             raise FailedPrecondition("WireGuard keys for this join were not prepared")
-        private_key, blocks = pending
+        private_key, blocks, port = pending
         offer = plan.peer_wireguard
         if offer is None:
-            self._pool.release(plan.session_id)
             raise FailedPrecondition("the producer appliance sent no WireGuard public key")
-        try:
-            keys.check_public_key(offer.public_key)
-            if set(blocks_of(offer.tunnel_addresses, consumer=False)) != set(blocks):
-                raise InvalidArgument("the producer appliance answered with other tunnel addresses")
-        except InvalidArgument:
-            self._pool.release(plan.session_id)
-            raise
+        keys.check_public_key(offer.public_key)
+        if set(blocks_of(offer.tunnel_addresses, consumer=False)) != set(blocks):
+            raise InvalidArgument("the producer appliance answered with other tunnel addresses")
         return WireGuardState(
             ifname=self.ifname(plan.session_id),
+            side="consumer",
             private_key=private_key.hex(),
+            listen_port=port,
             addresses=[host_address(b, CONSUMER) for b in blocks],
             peer_public_key=offer.public_key.hex(),
             peer_addresses=list(offer.tunnel_addresses),
@@ -170,7 +176,8 @@ class WireGuardDriver(Driver):
             rules.delete(state.ifname)
         await self.backend.destroy(state.ifname)
         if state.addresses:
-            self._pool.claim(session_id, blocks_of(tuple(state.addresses), consumer=_is_consumer(state)))
+            consumer = state.side == "consumer"
+            self._pool.claim(session_id, blocks_of(tuple(state.addresses), consumer=consumer))
 
     async def sweep(self, live: set[str]) -> None:
         keep = {self.ifname(s) for s in live}
@@ -199,11 +206,6 @@ class WireGuardDriver(Driver):
                 )
 
 
-def _is_consumer(state: WireGuardState) -> bool:
-    """The consumer side's device has no listen port of its own and knows the producer's endpoint."""
-    return bool(state.peer_endpoint)
-
-
 async def _resolve(address: Address) -> tuple[str, int]:
     """(IP, port): nftables and WireGuard need addresses, not names."""
     try:
@@ -217,6 +219,13 @@ async def _resolve(address: Address) -> tuple[str, int]:
         raise InvalidArgument(f"cannot resolve {address.host}: {exc}") from None
     infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first: the tunnel always has it
     return str(infos[0][4][0]), address.port
+
+
+def _ephemeral_udp_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _reserve(host: str, port: int, kind: socket.SocketKind) -> socket.socket:

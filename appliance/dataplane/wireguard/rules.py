@@ -80,8 +80,8 @@ class ProducerRules:
         return _table(
             table_name(self.ifname),
             {
-                "dnat": (NAT_PRE, dnat),
-                "snat": (NAT_POST, [f"iifname {quoted} oifname != {quoted} ct status dnat masquerade"]),
+                "nat_pre": (NAT_PRE, dnat),
+                "nat_post": (NAT_POST, [f"iifname {quoted} oifname != {quoted} ct status dnat masquerade"]),
                 "guard_in": (FILTER_IN, guard),
                 "guard_fwd": (FILTER_FWD, guard),
             },
@@ -118,9 +118,9 @@ class ConsumerRules:
         return _table(
             table_name(self.ifname),
             {
-                "dnat": (NAT_PRE, dnat),
-                "dnat_local": (NAT_OUT, dnat),
-                "snat": (NAT_POST, [f"oifname {quoted} masquerade"]),
+                "nat_pre": (NAT_PRE, dnat),
+                "nat_out": (NAT_OUT, dnat),
+                "nat_post": (NAT_POST, [f"oifname {quoted} masquerade"]),
                 "guard_in": (FILTER_IN, guard),
                 "guard_fwd": (FILTER_FWD, guard),
             },

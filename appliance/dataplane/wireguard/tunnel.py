@@ -36,12 +36,13 @@ class WireGuardState:
     """What a tunnel needs to come back after a restart; kept with the session's secrets."""
 
     ifname: str
+    side: str  # "producer" | "consumer"
     private_key: str  # hex
     listen_port: int = 0
     addresses: list[str] = field(default_factory=list)  # ours, CIDR
     peer_public_key: str = ""  # hex
     peer_addresses: list[str] = field(default_factory=list)
-    peer_endpoint: list[str | int] = field(default_factory=list)  # [ip, port] on the consumer side
+    peer_endpoint: list[str | int] = field(default_factory=list)  # [ip, port], when known
     ruleset: str = ""
 
     def encode(self) -> bytes:
@@ -134,10 +135,13 @@ class WireGuardTunnel(Tunnel):
         state.addresses = [host_address(b, PRODUCER) for b in blocks]
         state.peer_addresses = list(offer.tunnel_addresses)
         state.peer_public_key = public.hex()
+        if offer.endpoint:
+            state.peer_endpoint = list(resolve_now(offer.endpoint))
         try:
             self._apply()
         except BaseException:
             state.addresses, state.peer_addresses, state.peer_public_key = [], [], ""
+            state.peer_endpoint = []
             self._pool.release(self.session_id)
             raise
 
@@ -219,6 +223,17 @@ class WireGuardTunnel(Tunnel):
             except Unavailable as exc:
                 log.warning("WireGuard device restart failed", session_id=self.session_id, error=exc.message)
                 await asyncio.sleep(0.5)
+
+
+def resolve_now(endpoint: str) -> tuple[str, int]:
+    """(IP, port) of "HOST:PORT"; InvalidArgument if it is malformed or does not resolve."""
+    address = Address.parse(endpoint, what="WireGuard endpoint")
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot resolve WireGuard endpoint {endpoint}: {exc}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0]), address.port
 
 
 def _host_route(cidr: str) -> str:

@@ -280,6 +280,12 @@ class WireGuardPeer(betterproto.Message):
      lie in the same blocks: the consumer side proposes them, the producer side takes the first host.
     """
 
+    endpoint: str = betterproto.string_field(3)
+    """
+    HOST:PORT this side's device listens at (set by the consumer side, so that a restarted producer
+     side can reach it at once instead of waiting for the consumer side's next handshake).
+    """
+
 
 @dataclass(eq=False, repr=False)
 class LeaveRequest(betterproto.Message):
