@@ -57,10 +57,15 @@ def compose_command() -> list[str] | None:
 def build_image() -> str:
     """Builds (or reuses) the appliance image with images/build; returns what it printed."""
     result = subprocess.run(
-        [str(ROOT / "images" / "build"), IMAGE], capture_output=True, text=True, check=False, cwd=ROOT
+        [str(ROOT / "images" / "build"), IMAGE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+        cwd=ROOT,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"images/build failed:\n{result.stdout}{result.stderr}")
+        raise RuntimeError(f"images/build failed:\n{result.stdout}")
     return result.stdout.strip()
 
 
