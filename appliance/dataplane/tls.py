@@ -20,11 +20,15 @@ from appliance.sessions.model import Address, Mode, Protocol
 from appliance.sessions.ports import TCP, UDP, PortAllocator
 
 
-def _bind(host: str, port: int, kind: socket.SocketKind) -> socket.socket:
+def _bind(host: str, port: int, kind: socket.SocketKind, *, shared: bool = False) -> socket.socket:
+    """A bound (and, for TCP, listening) socket; `shared` ones may be bound again to the same port, by
+    this user only, and the kernel spreads new connections across them (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if kind == TCP:
             sock.listen(BACKLOG)
@@ -71,7 +75,7 @@ class TlsDriver(Driver):
         else:
             port = ports.allocate(plan.session_id, TCP)
         try:
-            sock = _bind(ports.bind_host, port, TCP)
+            socks = self._listeners(ports.bind_host, port)
         except OSError as exc:
             ports.release(plan.session_id)
             raise Unavailable(f"cannot open the TLS data endpoint on port {port}: {exc.strerror}") from None
@@ -82,14 +86,17 @@ class TlsDriver(Driver):
             destinations=tuple((d.host, d.port) for d in plan.destinations),
             udp_idle=self._udp_idle,
         )
-        await self._open(plan.session_id, ports, "producer", spec, [sock], spread=True)
+        await self._open(plan.session_id, ports, "producer", spec, {i: [s] for i, s in enumerate(socks)})
         return _TlsTunnel(self.pool, plan.session_id, (public(ports.bind_host, port, advertise_host),))
 
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         endpoint = plan.data_endpoints[-1]  # in auto mode the QUIC endpoint comes first
         kind = UDP if plan.protocol is Protocol.UDP else TCP
         host = plan.bind_host or ports.bind_host
-        socks: list[socket.socket] = []
+        # A TCP entry point is one socket per relay process (the kernel spreads connections across
+        # them); a UDP entry point is one socket, read by one relay process.
+        workers = range(self.pool.size) if kind == TCP else [hash(plan.session_id) % self.pool.size]
+        socks: dict[int, list[socket.socket]] = {i: [] for i in workers}
         entry_points: list[Address] = []
         try:
             for index in range(plan.num_conn):
@@ -98,12 +105,16 @@ class TlsDriver(Driver):
                 else:
                     port = ports.allocate(plan.session_id, kind)
                 try:
-                    socks.append(_bind(host, port, kind))
+                    if kind == TCP:
+                        for i, sock in enumerate(self._listeners(host, port)):
+                            socks[i].append(sock)
+                    else:
+                        socks[workers[0]].append(_bind(host, port, kind))
                 except OSError as exc:
                     raise Unavailable(f"cannot bind entry point {host}:{port}: {exc.strerror}") from None
-                entry_points.append(public(host, socks[-1].getsockname()[1], advertise_host))
+                entry_points.append(public(host, port, advertise_host))
         except BaseException:
-            for sock in socks:
+            for sock in (s for group in socks.values() for s in group):
                 sock.close()
             ports.release(plan.session_id)
             raise
@@ -118,8 +129,7 @@ class TlsDriver(Driver):
             dest_indexes=tuple(i % plan.destination_count for i in range(plan.num_conn)),
             udp_idle=self._udp_idle,
         )
-        # TCP listeners are shared by all relay processes; a UDP socket is read by one.
-        await self._open(plan.session_id, ports, "consumer", spec, socks, spread=kind == TCP)
+        await self._open(plan.session_id, ports, "consumer", spec, socks)
         return _TlsTunnel(self.pool, plan.session_id, tuple(entry_points))
 
     async def _open(
@@ -128,15 +138,25 @@ class TlsDriver(Driver):
         ports: PortAllocator,
         op: str,
         spec: ProducerSpec | ConsumerSpec,
-        socks: list[socket.socket],
-        *,
-        spread: bool,
+        socks: dict[int, list[socket.socket]],
     ) -> None:
         try:
-            await self.pool.open(session_id, op, messages.spec_to_json(spec), socks, spread=spread)
+            await self.pool.open(session_id, op, messages.spec_to_json(spec), socks)
         except WorkerError as exc:
             ports.release(session_id)
             raise Unavailable(f"the TLS relay could not start: {exc}") from None
+
+    def _listeners(self, host: str, port: int) -> list[socket.socket]:
+        """One listening socket on `port` per relay process."""
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(self.pool.size):
+                socks.append(_bind(host, port, TCP, shared=True))
+        except OSError:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
 
     async def close(self) -> None:
         await self.pool.close()

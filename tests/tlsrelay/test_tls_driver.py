@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -235,3 +237,24 @@ async def test_closing_a_session_frees_its_ports(driver: TlsDriver) -> None:
     for address in (session.entry, session.endpoint):
         with pytest.raises(OSError):
             await asyncio.open_connection(address.host, address.port)
+
+
+async def test_a_relay_process_that_dies_is_restarted_with_its_sessions(driver: TlsDriver) -> None:
+    session = await open_session(driver)
+    assert await exchange(session.entry, b"before") == b"erofeb"
+    (pid,) = driver.pool.pids
+
+    os.kill(pid, signal.SIGKILL)
+
+    for _ in range(100):
+        if driver.pool.pids and driver.pool.pids != [pid]:
+            break
+        await asyncio.sleep(0.05)
+    assert driver.pool.pids and driver.pool.pids != [pid]
+    for _ in range(100):  # the new process is being given the session's sockets again
+        try:
+            assert await exchange(session.entry, b"after") == b"retfa"
+            return
+        except (AssertionError, ConnectionError, asyncio.IncompleteReadError):
+            await asyncio.sleep(0.05)
+    raise AssertionError("the session did not work again after its relay process was restarted")

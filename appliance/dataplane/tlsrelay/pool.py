@@ -31,8 +31,12 @@ class _Registration:
 
     op: str
     spec: dict[str, Any]
-    socks: list[socket.socket]
-    workers: tuple[int, ...]  # the relay processes that serve it
+    socks: dict[int, list[socket.socket]]  # relay process index → the sockets it serves
+
+    @property
+    def workers(self) -> tuple[int, ...]:
+        return tuple(self.socks)
+
     peer_cert: str = ""
 
 
@@ -59,15 +63,15 @@ class WorkerPool:
     # ---- sessions --------------------------------------------------------------------------
 
     async def open(
-        self, session_id: str, op: str, spec: dict[str, Any], socks: list[socket.socket], *, spread: bool
+        self, session_id: str, op: str, spec: dict[str, Any], socks: dict[int, list[socket.socket]]
     ) -> None:
-        """Starts the session in every relay process (`spread`, for shared TCP listeners) or in one."""
+        """Starts the session in the relay processes `socks` names, each with its sockets. The pool
+        keeps the sockets (and closes them with the session), to restart a relay process that dies."""
         await self._ensure_started()
-        workers = tuple(range(self.size)) if spread else (hash(session_id) % self.size,)
-        registration = _Registration(op, spec, socks, workers)
+        registration = _Registration(op, spec, socks)
         self._sessions[session_id] = registration
         try:
-            await asyncio.gather(*(self._start_session(i, session_id, registration) for i in workers))
+            await asyncio.gather(*(self._start_session(i, session_id, registration) for i in socks))
         except BaseException:
             await self.close_session(session_id)
             raise
@@ -97,8 +101,9 @@ class WorkerPool:
         for worker in self._workers:
             if worker is not None:
                 worker.counters.pop(session_id, None)
-        for sock in registration.socks:
-            sock.close()
+        for socks in registration.socks.values():
+            for sock in socks:
+                sock.close()
 
     def counters(self, session_id: str) -> list[int]:
         """bytes_in, bytes_out, connections, active, rejected, dropped datagrams (all processes)."""
@@ -197,7 +202,7 @@ class WorkerPool:
         message = {"op": registration.op, "session": session_id, "spec": registration.spec}
         if registration.peer_cert:
             message["spec"] = {**registration.spec, "peer_cert_pem": _b64(registration.peer_cert)}
-        await self._call(index, message, [s.fileno() for s in registration.socks])
+        await self._call(index, message, [s.fileno() for s in registration.socks[index]])
 
     async def _call(self, index: int, message: dict[str, Any], fds: list[int] | None = None) -> None:
         worker = self._workers[index]

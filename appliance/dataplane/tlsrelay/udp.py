@@ -34,6 +34,27 @@ class IdleClock:
             self._handle = None
 
 
+class Batch:
+    """Datagram frames bound for one TLS transport, written once per event-loop turn: a TLS record
+    (and a send) then carries many datagrams instead of one each."""
+
+    def __init__(self) -> None:
+        self._frames: list[bytes] = []
+        self._transport: asyncio.WriteTransport | None = None
+
+    def add(self, transport: asyncio.WriteTransport, frame: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(frame)
+        self._transport = transport
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        transport = self._transport
+        if frames and transport is not None and not transport.is_closing():
+            transport.write(b"".join(frames))
+
+
 class _FlowSocket(asyncio.DatagramProtocol):
     """Producer side: the socket of one flow, connected to the destination."""
 
@@ -69,6 +90,7 @@ class ProducerFlows:
         self._idle = idle
         self._decoder = DatagramDecoder()
         self._flows: dict[int, _FlowSocket] = {}
+        self._batch = Batch()
         self._clock = IdleClock(idle, self._sweep)
 
     def received(self, data: bytes) -> None:
@@ -114,7 +136,7 @@ class ProducerFlows:
             self._counters.dropped_datagrams += 1  # the tunnel is backed up: drop, as UDP would
             return
         self._counters.bytes_in += len(payload)
-        transport.write(encode_datagram(flow_id, payload))
+        self._batch.add(transport, encode_datagram(flow_id, payload))
 
     def _sweep(self, now: float) -> None:
         for flow_id in [f for f, flow in self._flows.items() if now - flow.last_seen > self._idle]:
@@ -154,6 +176,7 @@ class UdpEntry(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._tunnel: _UdpTunnel | None = None
         self._queued: list[bytes] = []
+        self._batch = Batch()
         self._clock: IdleClock | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,7 +202,7 @@ class UdpEntry(asyncio.DatagramProtocol):
             if transport.get_write_buffer_size() > 4 * 1024 * 1024:
                 self._counters.dropped_datagrams += 1
             else:
-                transport.write(frame)
+                self._batch.add(transport, frame)
         elif len(self._queued) < MAX_QUEUED:
             self._queued.append(frame)
         else:
