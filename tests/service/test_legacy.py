@@ -353,3 +353,26 @@ async def test_another_users_uid_is_not_found(pair: Pair, echo_server: str) -> N
         assert await status_of(stub.release(legacy.Release(uid="alices"))) is Status.NOT_FOUND
         update = legacy.UpdateTargets(uid="alices", remote_listeners=[echo_server], role="PROD")
         assert await status_of(stub.update(update)) is Status.NOT_FOUND
+
+
+async def test_a_malformed_prod_listener_is_invalid_argument(pair: Pair) -> None:
+    a, _ = pair
+    async with client(a) as stub:
+        hello = legacy.Hello(uid="bad", prod_listeners=["no-port"], role="PROD")
+        assert await status_of(stub.hello(hello)) is Status.INVALID_ARGUMENT
+    assert coordinator(a).pending_uids == []
+
+
+async def test_the_legacy_mode_setting_chooses_the_data_plane(tmp_path: Path, echo_server: str) -> None:
+    a = await start_facility(tmp_path, "a", legacy_mode="tls")
+    port = int(a.address.rsplit(":", 1)[1])
+    b = await start_facility(tmp_path, "b", legacy_mode="tls", legacy_peer_port=port)
+    try:
+        entry_points = await outbound(b, "t", await inbound(a, "t", echo_server))
+        assert await echo_through(entry_points[0], b"over tls") == b"over tls"
+        assert a.appliance.manager is not None
+        session = a.appliance.manager.get(SYSTEM, session_id_for("t", Side.PRODUCER))
+        assert session.mode.value == "tls"
+    finally:
+        await b.appliance.stop()
+        await a.appliance.stop()
