@@ -6,9 +6,7 @@ Calls are authenticated like our own Control service (`authorization` metadata, 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import ssl
 from pathlib import Path
 
 import structlog
@@ -16,7 +14,6 @@ import structlog
 from appliance.api import scistream as legacy_api
 from appliance.control.services import current_principal, grpc_errors
 from appliance.control.tls import ca_context, fetch_certificate
-from appliance.errors import Unavailable
 from appliance.sessions.legacy import LegacyCoordinator
 from appliance.sessions.model import Address
 
@@ -63,28 +60,12 @@ async def pin_peer_certificate(
     """
     if insecure:
         return ""
-    if ca_file is None:
-        der = await fetch_certificate(address.host, address.port, timeout)
+    verify = ca_context(ca_file) if ca_file is not None else None
+    der = await fetch_certificate(address.host, address.port, timeout, verify)
+    if verify is None:
         log.warning(
             "accepting the producer appliance's control certificate on first use; "
             "set legacy_peer_ca (s2cs --peer_cert) to verify it",
             peer=str(address),
         )
-        return hashlib.sha256(der).hexdigest()
-    context = ca_context(ca_file)
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(address.host, address.port, ssl=context), timeout
-        )
-    except ssl.SSLError as exc:
-        raise Unavailable(f"appliance {address} is not trusted by {ca_file}: {exc.reason or exc}") from None
-    except (OSError, TimeoutError) as exc:
-        raise Unavailable(f"cannot reach appliance {address}: {exc or 'timed out'}") from None
-    try:
-        ssl_object = writer.get_extra_info("ssl_object")
-        verified: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    finally:
-        writer.close()
-    if not verified:
-        raise Unavailable(f"appliance {address} presented no certificate")
-    return hashlib.sha256(verified).hexdigest()
+    return hashlib.sha256(der).hexdigest()

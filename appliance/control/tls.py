@@ -74,12 +74,17 @@ def ca_context(ca_file: Path) -> ssl.SSLContext:
     return ctx
 
 
-async def fetch_certificate(host: str, port: int, timeout: float = 10.0) -> bytes:
-    """The DER certificate a TLS server presents (unverified: the caller compares it with a pin)."""
-    probe = ssl.create_default_context()
-    probe.check_hostname = False
-    probe.verify_mode = ssl.CERT_NONE
-    probe.set_alpn_protocols(ALPN)
+async def fetch_certificate(
+    host: str, port: int, timeout: float = 10.0, verify: ssl.SSLContext | None = None
+) -> bytes:
+    """The DER certificate a TLS server presents: checked by `verify` if given, else unverified
+    (the caller compares it with a pin)."""
+    probe = verify
+    if probe is None:
+        probe = ssl.create_default_context()
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        probe.set_alpn_protocols(ALPN)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=probe), timeout)
     except (OSError, TimeoutError, ssl.SSLError) as exc:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from grpclib.const import Status
@@ -19,22 +20,32 @@ from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
 
 from .conftest import Facility, start_facility
+from .test_sessions_api import _echo_through as echo_through
 
 Pair = tuple[Facility, Facility]
 HELLO_TIMEOUT = 1.0
 
 
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    """(producer side, consumer side); B reaches A's control port for 1.2.1 joins."""
-    a = await start_facility(tmp_path, "a", legacy_hello_timeout=HELLO_TIMEOUT)
+@asynccontextmanager
+async def legacy_pair(
+    tmp_path: Path, consumer: dict[str, Any] | None = None, **both: Any
+) -> AsyncIterator[Pair]:
+    """(producer side, consumer side) with Settings `both` (and `consumer` for B only); B reaches A's
+    control port for 1.2.1 joins."""
+    a = await start_facility(tmp_path, "a", **both)
     peer_port = int(a.address.rsplit(":", 1)[1])
-    b = await start_facility(tmp_path, "b", legacy_hello_timeout=HELLO_TIMEOUT, legacy_peer_port=peer_port)
+    b = await start_facility(tmp_path, "b", legacy_peer_port=peer_port, **both, **(consumer or {}))
     try:
         yield a, b
     finally:
         await b.appliance.stop()
         await a.appliance.stop()
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    async with legacy_pair(tmp_path, legacy_hello_timeout=HELLO_TIMEOUT) as facilities:
+        yield facilities
 
 
 @asynccontextmanager
@@ -86,16 +97,6 @@ async def outbound(
         )
     assert list(updated.listeners) == list(answer.listeners)
     return list(answer.listeners)
-
-
-async def echo_through(entry_point: str, payload: bytes) -> bytes:
-    host, port = entry_point.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(payload)
-    writer.write_eof()
-    data = await asyncio.wait_for(reader.read(-1), 10)
-    writer.close()
-    return data
 
 
 def state(f: Facility, uid: str, side: Side) -> State:
@@ -304,33 +305,21 @@ async def test_consumer_without_a_producer_session_fails_and_frees_its_reservati
 
 
 async def test_a_wrong_peer_ca_refuses_the_producer_appliance(tmp_path: Path, echo_server: str) -> None:
-    a = await start_facility(tmp_path, "a")
-    port = int(a.address.rsplit(":", 1)[1])
-    b = await start_facility(
-        tmp_path, "b", legacy_peer_port=port, legacy_peer_ca=tmp_path / "b/tls/control.crt"
-    )
-    try:
+    wrong_ca = {"legacy_peer_ca": tmp_path / "b/tls/control.crt"}  # B's own certificate
+    async with legacy_pair(tmp_path, consumer=wrong_ca) as (a, b):
         listeners = await inbound(a, "ca", echo_server)
         async with client(b) as stub:
             await request_with_hello(stub, "ca", "CONS", [])
             update = legacy.UpdateTargets(uid="ca", remote_listeners=listeners, role="CONS")
             assert await status_of(stub.update(update)) is Status.UNAVAILABLE
         assert state(a, "ca", Side.PRODUCER) is State.PENDING
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_the_right_peer_ca_admits_the_producer_appliance(tmp_path: Path, echo_server: str) -> None:
-    a = await start_facility(tmp_path, "a")
-    port = int(a.address.rsplit(":", 1)[1])
-    b = await start_facility(tmp_path, "b", legacy_peer_port=port, legacy_peer_ca=a.ca_file)
-    try:
+    right_ca = {"legacy_peer_ca": tmp_path / "a/tls/control.crt"}  # A's certificate
+    async with legacy_pair(tmp_path, consumer=right_ca) as (a, b):
         entry_points = await outbound(b, "ca", await inbound(a, "ca", echo_server))
         assert await echo_through(entry_points[0], b"ok") == b"ok"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 @pytest.mark.parametrize("authorization", ["INVALID_TOKEN", None, "not-a-token"])
@@ -364,15 +353,9 @@ async def test_a_malformed_prod_listener_is_invalid_argument(pair: Pair) -> None
 
 
 async def test_the_legacy_mode_setting_chooses_the_data_plane(tmp_path: Path, echo_server: str) -> None:
-    a = await start_facility(tmp_path, "a", legacy_mode="tls")
-    port = int(a.address.rsplit(":", 1)[1])
-    b = await start_facility(tmp_path, "b", legacy_mode="tls", legacy_peer_port=port)
-    try:
+    async with legacy_pair(tmp_path, legacy_mode="tls") as (a, b):
         entry_points = await outbound(b, "t", await inbound(a, "t", echo_server))
         assert await echo_through(entry_points[0], b"over tls") == b"over tls"
         assert a.appliance.manager is not None
         session = a.appliance.manager.get(SYSTEM, session_id_for("t", Side.PRODUCER))
         assert session.mode.value == "tls"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()

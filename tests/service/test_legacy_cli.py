@@ -15,8 +15,8 @@ from appliance.sessions.legacy import session_id_for
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
 
-from .conftest import Facility, start_facility
-from .test_legacy import echo_through
+from .conftest import Facility
+from .test_legacy import echo_through, legacy_pair
 
 S2UC = Path(sys.executable).parent / "s2uc"
 Pair = tuple[Facility, Facility]
@@ -38,14 +38,8 @@ class Done:
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    a = await start_facility(tmp_path, "a")
-    peer_port = int(a.address.rsplit(":", 1)[1])
-    b = await start_facility(tmp_path, "b", legacy_peer_port=peer_port)
-    try:
-        yield a, b
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
+    async with legacy_pair(tmp_path) as facilities:
+        yield facilities
 
 
 async def s2uc(f: Facility, *args: str, subject: str = "alice") -> Done:
