@@ -95,3 +95,7 @@ PATHS: dict[str, type[BenchPath]] = {cls.name: cls for cls in (Direct, QuicMode,
 from bench.stunnel import STUNNEL_PATHS  # noqa: E402 - the yardsticks subclass BenchPath, defined above
 
 PATHS.update(STUNNEL_PATHS)
+
+from bench.wireguard import WIREGUARD_PATHS  # noqa: E402 - subclasses of the classes above
+
+PATHS.update(WIREGUARD_PATHS)

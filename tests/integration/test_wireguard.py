@@ -71,7 +71,9 @@ def entry(consumer: dict[str, object]) -> str:
 def test_tcp_and_udp_iperf3_run_through_wireguard_sessions(
     appliance_a: Appliance, appliance_b: Appliance, facility_a: Facility, facility_b: Facility
 ) -> None:
-    start_iperf_server(facility_a)
+    # Bound to every address: UDP answers then leave from the address the datagram reached.
+    facility_a.spawn("iperf3", "-s", "-p", PRODUCER_DEST.rsplit(":", 1)[1])
+    facility_a.wait_listening("tcp", int(PRODUCER_DEST.rsplit(":", 1)[1]))
     producer, consumer = open_session(appliance_a, appliance_b)
     assert producer["mode"] == "wireguard" and consumer["state"] == "ACTIVE"
     tcp = run_iperf_client(facility_b, entry(consumer), seconds=2)

@@ -112,8 +112,16 @@ def test_producer_rules_lead_tunnel_ports_to_destinations_and_drop_everything_el
     assert "table inet scistream_sswabcd12345678 {" in text
     assert 'iifname "sswabcd12345678" ip daddr 100.64.0.1 tcp dport 10000 dnat ip to 127.0.0.1:5201' in text
     assert "tcp dport 10001 dnat ip to 10.1.0.5:80" in text
+    # Local delivery: the source becomes the destination address, so wildcard UDP servers answer right.
+    assert "snat" not in text  # TCP: accepted sockets answer from the address they were reached at
     assert "ct original ip daddr 100.64.0.1 ct original proto-dst { 10000, 10001 } accept" in text
     assert text.count('iifname "sswabcd12345678" drop') == 2  # input and forward
+
+
+def test_producer_rules_make_local_udp_destinations_see_themselves_as_the_source() -> None:
+    text = ProducerRules("sswabcd12345678", "udp", ("100.64.0.1",), (("127.0.0.1", 5201),)).render()
+    local = "ip daddr 127.0.0.1 udp dport 5201 ct status dnat ct original ip daddr 100.64.0.1"
+    assert f"{local} snat ip to 127.0.0.1" in text
 
 
 def test_consumer_rules_dnat_entry_points_round_robin_onto_the_producers_tunnel_ports() -> None:

@@ -19,7 +19,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MTU = 1420  # what wg-quick and wireguard-go use over a 1500-byte path
-TXQUEUELEN = 1000
 
 
 def netlink(func: Callable[P, T]) -> Callable[P, T]:
@@ -63,13 +62,13 @@ def names(prefix: str) -> list[str]:
 
 @netlink
 def bring_up(ifname: str, addresses: Iterable[str]) -> None:
-    """Sets MTU and queue length, adds `addresses` (CIDR; the block's route comes with each), link up."""
+    """Sets the MTU, adds `addresses` (CIDR; the block's route comes with each), link up."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             raise NetlinkError(errno.ENODEV, f"no interface {ifname}")
         index = found[0]
-        ipr.link("set", index=index, mtu=MTU, txqlen=TXQUEUELEN)
+        ipr.link("set", index=index, mtu=MTU)
         for cidr in addresses:
             iface = ipaddress.ip_interface(cidr)
             try:

@@ -43,6 +43,7 @@ def _table(name: str, chains: dict[str, tuple[str, list[str]]]) -> str:
 NAT_PRE = "type nat hook prerouting priority dstnat"
 NAT_OUT = "type nat hook output priority -100"
 NAT_POST = "type nat hook postrouting priority srcnat"
+NAT_IN = "type nat hook input priority 100"
 FILTER_IN = "type filter hook input priority filter"
 FILTER_FWD = "type filter hook forward priority filter"
 
@@ -56,6 +57,7 @@ class ProducerRules:
 
     def render(self) -> str:
         dnat: list[str] = []
+        local: list[str] = []
         guard: list[str] = []
         quoted = f'"{self.ifname}"'
         for tunnel_ip in self.tunnel_ips:
@@ -70,6 +72,16 @@ class ProducerRules:
                     f"iifname {quoted} {fam} daddr {tunnel_ip} {self.protocol} dport {tunnel_port} "
                     f"dnat {fam} to {_target(ip, port)}"
                 )
+                # UDP to a destination on this host: the source becomes the destination address, so a
+                # server bound to a wildcard address answers from the address conntrack expects. (Not
+                # TCP: accepted sockets answer from the right address, and a loopback source would
+                # let the app pick a 64 KiB MSS that the tunnel cannot carry.)
+                if self.protocol != "udp":
+                    continue
+                local.append(
+                    f"iifname {quoted} {fam} daddr {ip} {self.protocol} dport {port} ct status dnat "
+                    f"ct original {fam} daddr {tunnel_ip} snat {fam} to {ip}"
+                )
             if ports:
                 allowed = ", ".join(ports)
                 guard.append(
@@ -81,6 +93,7 @@ class ProducerRules:
             table_name(self.ifname),
             {
                 "nat_pre": (NAT_PRE, dnat),
+                "nat_in": (NAT_IN, local),
                 "nat_post": (NAT_POST, [f"iifname {quoted} oifname != {quoted} ct status dnat masquerade"]),
                 "guard_in": (FILTER_IN, guard),
                 "guard_fwd": (FILTER_FWD, guard),
