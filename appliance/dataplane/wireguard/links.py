@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -80,7 +81,14 @@ def bring_up(ifname: str, addresses: Iterable[str]) -> None:
     # Packets of the session arrive on this interface for a destination that may be 127.0.0.1 (DNAT),
     # and replies leave through it from 127.0.0.1: both need route_localnet on this interface only.
     for key in ("route_localnet", "forwarding"):
-        sysctl(f"net/ipv4/conf/{ifname}/{key}", "1")
+        try:
+            sysctl(f"net/ipv4/conf/{ifname}/{key}", "1")
+        except OSError as exc:
+            # A host-networked container has a read-only /proc/sys: the host must set conf.all.* then.
+            _warn_once(
+                key,
+                f"cannot set net.ipv4.conf.{ifname}.{key} ({exc.strerror}); set net.ipv4.conf.all.{key}=1",
+            )
 
 
 @netlink
@@ -105,6 +113,15 @@ def host_networks() -> list[Network]:
                     with contextlib.suppress(ValueError, TypeError):
                         found.append(ipaddress.ip_network(f"{dst}/{length}", strict=False))
     return found
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        structlog.get_logger(__name__).warning(message)
 
 
 def sysctl(name: str, value: str) -> None:
