@@ -205,6 +205,32 @@ def test_wireguard_go_dying_mid_session_is_restored(
     assert report["end"]["sum_received"]["bits_per_second"] > 0
 
 
+def test_a_session_whose_wireguard_go_cannot_come_back_ends_failed_on_both_sides(
+    topology: Topology, appliance_factory: ApplianceFactory
+) -> None:
+    wrapper = topology.a.workdir / "wireguard-go"
+    wrapper.write_text('#!/bin/sh\nexec wireguard-go "$@"\n')
+    wrapper.chmod(0o755)
+    a, b = Appliance(topology.a), Appliance(topology.b)
+    a.extra_args = ["--wireguard-go", str(wrapper)]
+    appliance_factory.started += [a, b]
+    start_appliances(a, b)
+    producer, consumer = open_session(a, b)
+    wrapper.unlink()  # wireguard-go can no longer be started
+
+    for pid in wireguard_go(topology.a):
+        os.kill(pid, signal.SIGKILL)
+
+    failed = a.wait_state(str(producer["session_id"]), "FAILED", timeout=20)
+    assert "unreachable" in failed["reason"]
+    assert wg_links(topology.a) == [] and "scistream" not in ruleset(topology.a)
+    ended = wait_until(
+        lambda: b.status(str(consumer["session_id"]))["state"] in ("RELEASED", "FAILED"), 20, what="B ends"
+    )
+    assert ended
+    wait_until(lambda: wg_links(topology.b) == [], 10, what="B's device removed")
+
+
 def test_an_exhausted_tunnel_address_pool_is_resource_exhausted(
     topology: Topology, appliance_factory: ApplianceFactory
 ) -> None:

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 
 import structlog
@@ -29,6 +31,9 @@ log = structlog.get_logger(__name__)
 
 KEEPALIVE = 25  # seconds; keeps NAT state on the consumer side's path
 RESTARTS = 3  # a device that dies this many times in a row is given up
+# With keepalives, a live peer renews the handshake every 120 s (REKEY_AFTER_TIME); keys expire after
+# 180 s (REJECT_AFTER_TIME). A handshake older than this means the peer appliance is gone.
+HANDSHAKE_STALE = 180.0
 
 
 @dataclass
@@ -81,6 +86,8 @@ class WireGuardTunnel(Tunnel):
         self._last = Counters()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._given_up = False
+        self._started_at = time.time()
 
     @property
     def addresses(self) -> tuple[Address, ...]:
@@ -103,6 +110,18 @@ class WireGuardTunnel(Tunnel):
             stats = self._backend.stats(self.state.ifname)
             self._last = Counters(bytes_in=stats.rx_bytes, bytes_out=stats.tx_bytes)
         return self._last
+
+    def peer_absent_for(self) -> float | None:
+        if self._given_up:
+            return math.inf  # the device is gone for good: the session must end, not look alive
+        if self._closed or not self.state.peer_public_key:
+            return None
+        try:
+            since = self._backend.stats(self.state.ifname).last_handshake or self._started_at
+        except BackendError:
+            return None  # being restarted by the supervisor
+        stale = time.time() - since - HANDSHAKE_STALE
+        return stale if stale > 0 else None
 
     def last_handshake(self) -> float:
         """Unix time of the last WireGuard handshake (0: none yet)."""
@@ -214,6 +233,7 @@ class WireGuardTunnel(Tunnel):
             )
             if failures > RESTARTS:
                 log.error("WireGuard device given up", session_id=self.session_id, reason=reason)
+                self._given_up = True
                 await self.close()
                 return
             try:
