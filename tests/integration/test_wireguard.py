@@ -5,6 +5,7 @@ and bad input."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from appliance.dataplane.wireguard.kernel import kernel_supported
 
 from .topology import (
     PRODUCER_DEST,
+    SCISTREAM,
     Appliance,
     ApplianceFactory,
     Facility,
@@ -263,12 +265,28 @@ def test_mode_wireguard_without_a_backend_is_refused_and_no_session_is_made(
     assert "wireguard-go" in a.log_tail()  # the log says why, once
 
 
-def test_an_explicit_backend_that_cannot_work_stops_the_start_with_one_line(facility_a: Facility) -> None:
+@pytest.mark.parametrize(
+    ("backend", "needle"), [("userspace", "/nonexistent/wireguard-go"), ("kernel", "kernel module")]
+)
+def test_an_explicit_backend_that_cannot_work_stops_the_start_with_one_line(
+    facility_a: Facility, backend: str, needle: str
+) -> None:
+    if backend == "kernel" and kernel_supported() is None:
+        pytest.skip("this kernel has WireGuard")
     done = facility_a.cli(
         "server", "--listen", "127.0.0.1:5999", "--state-dir", facility_a.workdir / "x", "--auth", "none",
-        "--insecure", "--wireguard-backend", "userspace", "--wireguard-go", "/nonexistent/wireguard-go",
+        "--insecure", "--wireguard-backend", backend, "--wireguard-go", "/nonexistent/wireguard-go",
     )  # fmt: skip
-    assert_cli_error(done, "--wireguard-backend userspace", "wireguard-go")
+    line = assert_cli_error(done, needle)
+    assert f"--wireguard-backend {backend}" in line
+
+
+@pytest.mark.skipif(shutil.which("capsh") is None, reason="needs capsh (libcap2-bin)")
+def test_an_appliance_without_net_admin_names_it(facility_a: Facility) -> None:
+    server = f"{SCISTREAM} server --listen 127.0.0.1:5999 --state-dir {facility_a.workdir / 'x'} --auth none"
+    server += " --insecure --wireguard-backend userspace"
+    done = facility_a.run("capsh", "--drop=cap_net_admin", "--", "-c", server, check=False)
+    assert_cli_error(done, "NET_ADMIN")
 
 
 def test_a_join_with_a_malformed_public_key_is_refused(appliance_a: Appliance, facility_b: Facility) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from appliance.dataplane.wireguard.rules import ConsumerRules, ProducerRules
 from appliance.dataplane.wireguard.tunnel import WireGuardState, blocks_of
 from appliance.dataplane.wireguard.uapi import peer_stats
 from appliance.dataplane.wireguard.userspace import uapi_items
-from appliance.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from appliance.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 net = ipaddress.ip_network
 
@@ -202,3 +203,35 @@ def test_interface_names_fit_linux_and_are_unique_per_appliance() -> None:
 async def test_the_kernel_backend_says_why_it_cannot_work_here() -> None:
     why = kernel_supported()
     assert why is not None and "wireguard" in why
+
+
+# ---- host requirements -----------------------------------------------------------------------------
+
+
+def test_a_missing_net_admin_capability_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.dataplane.wireguard as wireguard
+
+    monkeypatch.setattr(wireguard, "_has_net_admin", lambda: False)
+    why = wireguard.missing_requirement("userspace")
+    assert why is not None and "NET_ADMIN" in why
+
+
+def test_a_missing_tun_device_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import appliance.dataplane.wireguard as wireguard
+
+    monkeypatch.setattr(wireguard, "_has_net_admin", lambda: True)
+    monkeypatch.setattr(wireguard.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(wireguard, "TUN", tmp_path / "tun")
+    why = wireguard.missing_requirement("userspace")
+    assert why is not None and "/dev/net/tun" in why
+
+
+def test_auto_without_any_backend_offers_no_wireguard_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import appliance.dataplane.wireguard as wireguard
+
+    monkeypatch.setattr(wireguard, "_has_net_admin", lambda: False)
+    assert wireguard.build_driver("auto", "100.64.0.0/10", tmp_path) is None
+    with pytest.raises(FailedPrecondition, match=r"--wireguard-backend userspace: .*NET_ADMIN"):
+        wireguard.build_driver("userspace", "100.64.0.0/10", tmp_path)
