@@ -73,7 +73,8 @@ class UserspaceBackend(Backend):
         self._procs[ifname] = proc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
-        while not socket_path(ifname).exists():
+        # Ready when the socket answers: it exists a moment before wireguard-go listens on it.
+        while not _answers(ifname):
             if proc.returncode is not None or loop.time() > deadline:
                 await self.destroy(ifname)
                 raise BackendError(f"wireguard-go could not create {ifname}: {self._last_line(ifname)}")
@@ -132,6 +133,16 @@ class UserspaceBackend(Backend):
         log = self._log_file(ifname)
         lines = log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
         return lines[-1] if lines else "no output"
+
+
+def _answers(ifname: str) -> bool:
+    if not socket_path(ifname).exists():
+        return False
+    try:
+        get_device(ifname, timeout=1.0)
+    except UapiError:
+        return False
+    return True
 
 
 def _wireguard_go_processes() -> list[tuple[int, str]]:
