@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ MAX_FDS = 1100  # a consumer side's entry points (num-conn ≤ 1024)
 _S = TypeVar("_S", ProducerSpec, ConsumerSpec)
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     data = json.dumps(message).encode()
     if fds:
         socket.send_fds(sock, [data], list(fds))

@@ -5,6 +5,7 @@ sessions from the sockets the control process keeps)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -232,6 +233,4 @@ class WorkerPool:
 
 
 def _b64(text: str) -> str:
-    import base64
-
     return base64.b64encode(text.encode()).decode()
