@@ -83,6 +83,7 @@ class Demo:
     net: str = "10.201"
     peer_grace: float = 60.0
     client: docker.DockerClient = field(default_factory=docker.from_env)
+    _pins: dict[str, str] = field(default_factory=dict)
 
     # ---- addresses -------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class Demo:
     def down(self) -> None:
         """Removes every container, network and volume of the project (also after a failed `up`)."""
         self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+        self._pins.clear()
         label = f"com.docker.compose.project={self.project}"
         for container in self.client.containers.list(all=True, filters={"label": label}):
             container.remove(force=True, v=True)
@@ -169,10 +171,13 @@ class Demo:
         return Exec(int(code), (output or b"").decode(errors="replace"))
 
     def fingerprint(self, service: str) -> str:
-        """SHA-256 of the appliance's control certificate, as users pin it."""
-        pem = self.exec(service, "cat", STATE_CERT)
-        assert pem.code == 0, pem.output
-        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.output)).hexdigest()
+        """SHA-256 of the appliance's control certificate, as users pin it (it lives in the volume, so
+        restarts keep it)."""
+        if service not in self._pins:
+            pem = self.exec(service, "cat", STATE_CERT)
+            assert pem.code == 0, pem.output
+            self._pins[service] = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.output)).hexdigest()
+        return self._pins[service]
 
     def scistream(self, service: str, *args: str) -> Any:
         """`scistream ARGS --json` inside an appliance container, against that appliance."""
