@@ -74,7 +74,8 @@ class WireGuardDriver(Driver):
             producer_rules=template,
         )
         try:
-            await self._reclaim(plan.session_id, state)
+            if plan.saved_state:
+                await self._reclaim(plan.session_id, state)
             self._check_forwarding()
             await tunnel.start()
         except BaseException:
@@ -112,10 +113,10 @@ class WireGuardDriver(Driver):
         try:
             if plan.saved_state:
                 state = WireGuardState.decode(plan.saved_state)
+                await self._reclaim(plan.session_id, state)
             else:
                 state = self._new_consumer_state(plan)
                 state.peer_endpoint = list(await _resolve(plan.data_endpoints[0]))
-            await self._reclaim(plan.session_id, state)
             for index in range(plan.num_conn):
                 port = _entry_port(plan, ports, index, kind)
                 reservations.append(_reserve(host, port, kind))
@@ -171,7 +172,8 @@ class WireGuardDriver(Driver):
     # ---- host state ----------------------------------------------------------------------------
 
     async def _reclaim(self, session_id: str, state: WireGuardState) -> None:
-        """Removes what an earlier process left of this session, then holds its tunnel blocks."""
+        """Restoring: removes what an earlier process left of this session, then holds its tunnel
+        blocks. (A new session's device name is new: nothing to remove.)"""
         with contextlib.suppress(Unavailable):
             rules.delete(state.ifname)
         await self.backend.destroy(state.ifname)

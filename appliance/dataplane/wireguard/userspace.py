@@ -48,7 +48,6 @@ class UserspaceBackend(Backend):
         self._procs: dict[str, asyncio.subprocess.Process] = {}
 
     async def create(self, ifname: str) -> None:
-        await _kill_strays(ifname)
         with contextlib.suppress(FileNotFoundError):
             socket_path(ifname).unlink()
         log = self._log_file(ifname)
