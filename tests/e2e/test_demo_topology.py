@@ -70,6 +70,15 @@ def test_iperf3_udp_crosses_a_quic_session(demo: Demo) -> None:
         demo.release("facility-b", session["consumer"]["session_id"])
 
 
+def test_iperf3_tcp_crosses_a_wireguard_session(demo: Demo) -> None:
+    session = demo.connect("--mode", "wireguard")
+    assert session["consumer"]["mode"] == "wireguard"
+    report = demo.iperf(entry_port(session), seconds=3)
+    assert report["end"]["sum_received"]["bytes"] > 0
+    demo.release("facility-b", session["consumer"]["session_id"])
+    wait_until(lambda: states(demo, session) == ("RELEASED", "RELEASED"), 15, "both sides RELEASED")
+
+
 def test_new_connections_work_again_after_a_5_s_wan_outage(demo: Demo) -> None:
     session = demo.connect()
     port = entry_port(session)
