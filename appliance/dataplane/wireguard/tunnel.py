@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 KEEPALIVE = 25  # seconds; keeps NAT state on the consumer side's path
 RESTARTS = 3  # a device that dies this many times in a row is given up
+STABLE = 60.0  # seconds up after which a device's failures are no longer "in a row"
 # With keepalives, a live peer renews the handshake every 120 s (REKEY_AFTER_TIME); keys expire after
 # 180 s (REJECT_AFTER_TIME). A handshake older than this means the peer appliance is gone.
 HANDSHAKE_STALE = 180.0
@@ -84,6 +85,7 @@ class WireGuardTunnel(Tunnel):
         self._producer_rules = producer_rules  # producer side: rendered once the peer is known
         self._reservations = reservations or []  # entry ports held, so nothing else binds them
         self._last = Counters()
+        self._base = Counters()  # what earlier wireguard-go processes of this tunnel counted
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._given_up = False
@@ -108,7 +110,8 @@ class WireGuardTunnel(Tunnel):
             return self._last
         with contextlib.suppress(BackendError):
             stats = self._backend.stats(self.state.ifname)
-            self._last = Counters(bytes_in=stats.rx_bytes, bytes_out=stats.tx_bytes)
+            base = self._base
+            self._last = Counters(base.bytes_in + stats.rx_bytes, base.bytes_out + stats.tx_bytes)
         return self._last
 
     def peer_absent_for(self) -> float | None:
@@ -122,13 +125,6 @@ class WireGuardTunnel(Tunnel):
             return None  # being restarted by the supervisor
         stale = time.time() - since - HANDSHAKE_STALE
         return stale if stale > 0 else None
-
-    def last_handshake(self) -> float:
-        """Unix time of the last WireGuard handshake (0: none yet)."""
-        try:
-            return self._backend.stats(self.state.ifname).last_handshake
-        except BackendError:
-            return 0.0
 
     async def start(self) -> None:
         """Makes and configures the device; on failure everything made so far is removed."""
@@ -223,10 +219,13 @@ class WireGuardTunnel(Tunnel):
 
     async def _supervise(self) -> None:
         failures = 0
+        up_since = time.monotonic()
         while not self._closed:
             reason = await self._backend.wait_failed(self.state.ifname)
             if self._closed:
                 return
+            if time.monotonic() - up_since > STABLE:
+                failures = 0  # it ran well for a while: count this failure afresh
             failures += 1
             log.warning(
                 "WireGuard device failed", session_id=self.session_id, reason=reason, attempt=failures
@@ -236,9 +235,11 @@ class WireGuardTunnel(Tunnel):
                 self._given_up = True
                 await self.close()
                 return
+            self._base = self._last  # the new process counts from zero
             try:
                 await self._backend.destroy(self.state.ifname)
                 await self._bring_up()
+                up_since = time.monotonic()
                 log.info("WireGuard device restored", session_id=self.session_id)
             except Unavailable as exc:
                 log.warning("WireGuard device restart failed", session_id=self.session_id, error=exc.message)
