@@ -105,6 +105,13 @@ async def test_parallel_connections_are_relayed_independently(driver: TlsDriver)
     assert replies == [p[::-1] for p in payloads]
 
 
+async def test_hundreds_of_entry_points_reach_the_relay_process(driver: TlsDriver) -> None:
+    """More sockets than one message can pass (Linux: 253) are handed over in several."""
+    session = await open_session(driver, num_conn=300)
+    assert len(session.consumer.addresses) == 300
+    assert await exchange(session.consumer.addresses[299], b"last") == b"tsal"
+
+
 async def test_counters_report_the_bytes_relayed(driver: TlsDriver) -> None:
     session = await open_session(driver)
     await exchange(session.entry, b"x" * 1000)

@@ -14,15 +14,21 @@ from .sessions import ConsumerSpec, ProducerSpec
 from .wire import Kind
 
 MAX_MESSAGE = 256 * 1024
-MAX_FDS = 1100  # a consumer side's entry points (num-conn ≤ 1024)
+MAX_FDS = 250  # per message: Linux passes at most 253 (SCM_MAX_FD)
 
 _S = TypeVar("_S", ProducerSpec, ConsumerSpec)
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Sends `message` with `fds`; beyond MAX_FDS, the first ones go ahead in "fds" messages, which the
+    receiver keeps for the next other message (a socket pair keeps messages in order)."""
+    fds = list(fds)
+    while len(fds) > MAX_FDS:
+        socket.send_fds(sock, [json.dumps({"op": "fds"}).encode()], fds[:MAX_FDS])
+        fds = fds[MAX_FDS:]
     data = json.dumps(message).encode()
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        socket.send_fds(sock, [data], fds)
     else:
         sock.send(data)
 

@@ -37,6 +37,7 @@ class Worker:
         self.done = asyncio.Event()
         self._reported: dict[str, tuple[int, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fds: list[int] = []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -63,6 +64,10 @@ class Worker:
                 self.done.set()
                 return
             message, fds = received
+            if message.get("op") == "fds":
+                self._fds += fds  # they belong to the next message
+                continue
+            fds, self._fds = self._fds + fds, []
             task = asyncio.get_running_loop().create_task(self._handle(message, fds))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
