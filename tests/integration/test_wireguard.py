@@ -92,6 +92,19 @@ def test_tcp_and_udp_iperf3_run_through_wireguard_sessions(
     assert appliance_a.status(str(producer["session_id"]))["bytes_in"] > 0
 
 
+def test_a_facility_with_ipv6_disabled_runs_sessions_over_ipv4(
+    topology: Topology, appliance_factory: ApplianceFactory
+) -> None:
+    for key in ("all", "default"):
+        topology.b.run("sysctl", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1")  # as Docker does
+    a, b = appliance_factory(topology.a, topology.b)
+    start_iperf_server(topology.a)
+    _, consumer = open_session(a, b)
+    report = run_iperf_client(topology.b, entry(consumer), seconds=1)
+    assert report["end"]["sum_received"]["bits_per_second"] > 0
+    assert "no IPv6 tunnel address" in b.log_tail(100)
+
+
 def test_the_consumer_side_reaches_only_its_sessions_destinations(
     appliance_a: Appliance, appliance_b: Appliance, facility_a: Facility, facility_b: Facility
 ) -> None:

@@ -75,8 +75,13 @@ def bring_up(ifname: str, addresses: Iterable[str]) -> None:
             try:
                 ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
+                if exc.code == errno.EEXIST:
+                    continue
+                if iface.version == 6:
+                    # IPv6 disabled here (Docker's default): the session runs over IPv4 alone.
+                    _warn_once("ipv6", f"no IPv6 tunnel address on {ifname} ({exc.args[-1]}); IPv4 only")
+                    continue
+                raise
         ipr.link("set", index=index, state="up")
     # Packets of the session arrive on this interface for a destination that may be 127.0.0.1 (DNAT),
     # and replies leave through it from 127.0.0.1: both need route_localnet on this interface only.
