@@ -7,6 +7,8 @@ address. Our mode adds per-session keys, nftables DNAT/masquerade and the isolat
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 
 from bench.paths import IPERF_PORT, ApplianceMode, BenchPath, Target
@@ -20,13 +22,16 @@ class WireGuardByHand(BenchPath):
     name = "wireguard-go"
     label = "wireguard-go by hand (wg, no NAT)"
 
+    def __init__(self) -> None:
+        self._processes: list[subprocess.Popen[bytes]] = []
+
     def start(self, topology: Topology) -> Target:
         a, b = topology.a, topology.b
         # UAPI sockets live in one /var/run for every namespace: names must be unique on the host.
         names = {f.name: f"wgh{f.name}{f.ns[-6:]}" for f in (a, b)}
         keys = {f.name: _keypair(f) for f in (a, b)}
         for f in (a, b):
-            f.spawn("wireguard-go", "-f", names[f.name])
+            self._processes.append(f.spawn("wireguard-go", "-f", names[f.name]))
         for f in (a, b):
             _wait_socket(f, names[f.name])
         for f, peer in ((a, b), (b, a)):
@@ -44,6 +49,14 @@ class WireGuardByHand(BenchPath):
             f.run("ip", "addr", "add", f"{TUNNEL_IPS[f.name]}/24", "dev", ifname)
             f.run("ip", "link", "set", ifname, "up")
         return Target(TUNNEL_IPS["a"], IPERF_PORT)
+
+    def stop(self) -> None:
+        """SIGTERM, so wireguard-go removes its socket (the topology's teardown kills with SIGKILL)."""
+        for proc in self._processes:
+            proc.terminate()
+        for proc in self._processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
 
 class WireGuardMode(ApplianceMode):

@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 from appliance.dataplane.wireguard import links
 from appliance.dataplane.wireguard.backend import Backend, BackendError, DeviceConfig
 from appliance.dataplane.wireguard.uapi import (
+    SOCKET_DIR,
     PeerStats,
     UapiError,
     get_device,
@@ -21,6 +24,7 @@ from appliance.dataplane.wireguard.uapi import (
 
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 3.0
+STALE_SOCKET_AGE = 30.0  # seconds
 
 
 def uapi_items(config: DeviceConfig) -> list[tuple[str, str]]:
@@ -123,6 +127,7 @@ class UserspaceBackend(Backend):
         stale = sorted(found - keep)
         for name in stale:
             await self.destroy(name)
+        _remove_dead_sockets()
         return stale
 
     def _log_file(self, ifname: str) -> Path | None:
@@ -132,6 +137,22 @@ class UserspaceBackend(Backend):
         log = self._log_file(ifname)
         lines = log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
         return lines[-1] if lines else "no output"
+
+
+def _remove_dead_sockets(prefix: str = "ssw") -> None:
+    """Removes UAPI sockets nobody listens on any more (wireguard-go killed with SIGKILL leaves them),
+    whichever appliance made them: a socket that refuses connections is dead for everyone."""
+    for path in SOCKET_DIR.glob(f"{prefix}*.sock"):
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime < STALE_SOCKET_AGE:
+                continue  # perhaps a wireguard-go between bind() and listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def _answers(ifname: str) -> bool:
