@@ -8,30 +8,13 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
+from quic_relay.udp import IdleSweeper
+
 from .relay import Counters, Leg, tune
 from .wire import DatagramDecoder, FlowIds, WireError, encode_datagram
 
 MAX_QUEUED = 256  # datagrams held while a tunnel or flow socket is being set up
 Send = Callable[[bytes], None]
-
-
-class IdleClock:
-    """Calls `sweep(now)` about four times per idle timeout."""
-
-    def __init__(self, timeout: float, sweep: Callable[[float], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._interval = max(0.05, min(5.0, timeout / 4))
-        self._sweep = sweep
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(self._interval, self._tick)
-
-    def _tick(self) -> None:
-        self._sweep(self._loop.time())
-        self._handle = self._loop.call_later(self._interval, self._tick)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 class Batch:
@@ -91,7 +74,7 @@ class ProducerFlows:
         self._decoder = DatagramDecoder()
         self._flows: dict[int, _FlowSocket] = {}
         self._batch = Batch()
-        self._clock = IdleClock(idle, self._sweep)
+        self._clock = IdleSweeper(idle, self._sweep)
 
     def received(self, data: bytes) -> None:
         try:
@@ -177,12 +160,12 @@ class UdpEntry(asyncio.DatagramProtocol):
         self._tunnel: _UdpTunnel | None = None
         self._queued: list[bytes] = []
         self._batch = Batch()
-        self._clock: IdleClock | None = None
+        self._clock: IdleSweeper | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
         tune(transport)
-        self._clock = IdleClock(self._idle, self._sweep)
+        self._clock = IdleSweeper(self._idle, self._sweep)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         flow_id = self._ids.id_for(addr)
