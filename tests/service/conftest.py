@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from appliance.api.scistream import v1 as api
 from appliance.auth import add_token
 from appliance.cli.client import ApplianceClient, Target, connect
 from appliance.config import load_settings
@@ -103,3 +104,26 @@ async def echo_server() -> AsyncIterator[str]:
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     server.close()
+
+
+async def open_session(
+    pair: tuple[Facility, Facility], dest: str, **fields: object
+) -> tuple[api.CreateSessionResponse, api.Session]:
+    """Inbound at the producer side A, outbound at the consumer side B (subject alice)."""
+    a, b = pair
+    async with a.client() as producer, b.client() as consumer:
+        request = api.CreateSessionRequest(destinations=[dest], **fields)  # type: ignore[arg-type]
+        created = await producer.create(request)
+        joined = await consumer.join(api.JoinSessionRequest(ticket=created.ticket))
+    return created, joined.session
+
+
+async def echo_through(entry_point: str, payload: bytes) -> bytes:
+    """Sends `payload` to an entry point, half-closes, returns all that comes back."""
+    host, port = entry_point.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(payload)
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    return data

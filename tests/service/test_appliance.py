@@ -18,8 +18,7 @@ from appliance.control.server import Appliance
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Address, Mode, Protocol
 
-from .conftest import Facility, free_port_block, start_facility
-from .test_sessions_api import _echo_through, _open
+from .conftest import Facility, echo_through, free_port_block, open_session, start_facility
 
 Pair = tuple[Facility, Facility]
 
@@ -60,7 +59,7 @@ async def test_sessions_come_back_after_a_restart(tmp_path: Path, echo_server: s
     a = await start_facility(tmp_path, "a")
     b = await start_facility(tmp_path, "b")
     try:
-        created, joined = await _open((a, b), echo_server)
+        created, joined = await open_session((a, b), echo_server)
         for facility in (b, a):
             await facility.appliance.stop()
         for facility in (a, b):
@@ -72,7 +71,7 @@ async def test_sessions_come_back_after_a_restart(tmp_path: Path, echo_server: s
         async with a.client() as client:
             assert (await client.get(created.session.session_id)).state == api.State.ACTIVE
         assert restored.entry_points == joined.entry_points
-        assert await _echo_through(joined.entry_points[0], b"again") == b"again"
+        assert await echo_through(joined.entry_points[0], b"again") == b"again"
     finally:
         await b.appliance.stop()
         await a.appliance.stop()
@@ -135,7 +134,7 @@ async def test_a_session_that_cannot_be_restored_fails_and_releases_its_peer(
     b = await start_facility(tmp_path, "b")
     squatter = socket.socket()
     try:
-        created, joined = await _open((a, b), echo_server)
+        created, joined = await open_session((a, b), echo_server)
         await b.appliance.stop()
         # Another program takes the entry point's port while the consumer appliance is down.
         squatter.bind(("127.0.0.1", int(joined.entry_points[0].rsplit(":", 1)[1])))

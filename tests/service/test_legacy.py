@@ -19,8 +19,7 @@ from appliance.sessions.legacy import LegacyCoordinator, session_id_for
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
 
-from .conftest import Facility, start_facility
-from .test_sessions_api import _echo_through as echo_through
+from .conftest import Facility, echo_through, start_facility
 
 Pair = tuple[Facility, Facility]
 HELLO_TIMEOUT = 1.0

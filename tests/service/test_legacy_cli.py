@@ -15,8 +15,8 @@ from appliance.sessions.legacy import session_id_for
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
 
-from .conftest import Facility
-from .test_legacy import echo_through, legacy_pair
+from .conftest import Facility, echo_through
+from .test_legacy import legacy_pair
 
 S2UC = Path(sys.executable).parent / "s2uc"
 Pair = tuple[Facility, Facility]

@@ -10,8 +10,7 @@ from pathlib import Path
 from appliance.api.scistream import v1 as api
 from appliance.control.server import Appliance
 
-from .conftest import Facility, start_facility
-from .test_sessions_api import _echo_through, _open
+from .conftest import Facility, echo_through, open_session, start_facility
 
 
 async def _state_when_settled(facility: Facility, session_id: str, timeout: float) -> api.Session:
@@ -43,7 +42,7 @@ async def test_producer_side_fails_the_session_when_the_consumer_appliance_is_go
     a = await start_facility(tmp_path, "a", peer_grace=1.0)
     b = await start_facility(tmp_path, "b", peer_grace=1.0)
     try:
-        created, _ = await _open((a, b), echo_server)
+        created, _ = await open_session((a, b), echo_server)
         await b.appliance.stop()
         producer = await _state_when_settled(a, created.session.session_id, timeout=10)
         assert producer.state == api.State.FAILED
@@ -60,7 +59,7 @@ async def test_consumer_side_fails_the_session_when_the_producer_appliance_stays
     a = await start_facility(tmp_path, "a", peer_grace=1.0)
     b = await start_facility(tmp_path, "b", peer_grace=1.0)
     try:
-        _, joined = await _open((a, b), echo_server)
+        _, joined = await open_session((a, b), echo_server)
         await a.appliance.stop()
         consumer = await _state_when_settled(b, joined.session_id, timeout=10)
         assert consumer.state == api.State.FAILED
@@ -76,7 +75,7 @@ async def test_a_producer_restart_within_the_grace_period_keeps_the_session(
     a = await start_facility(tmp_path, "a", peer_grace=4.0)
     b = await start_facility(tmp_path, "b", peer_grace=4.0)
     try:
-        created, joined = await _open((a, b), echo_server)
+        created, joined = await open_session((a, b), echo_server)
         await a.appliance.stop()
         a.appliance = Appliance(a.appliance.settings)
         await a.appliance.start()
@@ -84,7 +83,7 @@ async def test_a_producer_restart_within_the_grace_period_keeps_the_session(
         producer = await _state_when_settled(a, created.session.session_id, timeout=6)
         consumer = await _state_when_settled(b, joined.session_id, timeout=0)
         assert (producer.state, consumer.state) == (api.State.ACTIVE, api.State.ACTIVE)
-        assert await _echo_through(joined.entry_points[0], b"still here") == b"still here"
+        assert await echo_through(joined.entry_points[0], b"still here") == b"still here"
     finally:
         await b.appliance.stop()
         await a.appliance.stop()

@@ -23,31 +23,13 @@ from appliance.errors import (
 from appliance.sessions import ticket as tk
 from appliance.sessions.manager import join_transcript
 
-from .conftest import Facility, free_port_block, start_facility
+from .conftest import Facility, echo_through, free_port_block, open_session, start_facility
 
 Pair = tuple[Facility, Facility]
 
 
 def _create(dest: str, **fields: object) -> api.CreateSessionRequest:
     return api.CreateSessionRequest(destinations=[dest], **fields)  # type: ignore[arg-type]
-
-
-async def _open(pair: Pair, dest: str, **fields: object) -> tuple[api.CreateSessionResponse, api.Session]:
-    a, b = pair
-    async with a.client() as producer, b.client() as consumer:
-        created = await producer.create(_create(dest, **fields))
-        joined = await consumer.join(api.JoinSessionRequest(ticket=created.ticket))
-    return created, joined.session
-
-
-async def _echo_through(entry_point: str, payload: bytes) -> bytes:
-    host, port = entry_point.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(payload)
-    writer.write_eof()
-    data = await asyncio.wait_for(reader.read(-1), 10)
-    writer.close()
-    return data
 
 
 async def _state(facility: Facility, session_id: str) -> api.State:
@@ -69,23 +51,23 @@ async def test_inbound_returns_a_pending_session_with_ticket_and_data_endpoint(
 
 
 async def test_outbound_activates_both_sides_and_carries_tcp(facilities: Pair, echo_server: str) -> None:
-    created, joined = await _open(facilities, echo_server)
+    created, joined = await open_session(facilities, echo_server)
     assert joined.state == api.State.ACTIVE and len(joined.entry_points) == 1
     payload = bytes(range(256)) * 4096  # 1 MiB, half-closed after sending
-    assert await _echo_through(joined.entry_points[0], payload) == payload
+    assert await echo_through(joined.entry_points[0], payload) == payload
     assert await _state(facilities[0], created.session.session_id) == api.State.ACTIVE
 
 
 async def test_num_conn_binds_that_many_entry_points(facilities: Pair, echo_server: str) -> None:
-    _, joined = await _open(facilities, echo_server, num_conn=3)
+    _, joined = await open_session(facilities, echo_server, num_conn=3)
     assert len(set(joined.entry_points)) == 3
     for entry_point in joined.entry_points:
-        assert await _echo_through(entry_point, b"ping") == b"ping"
+        assert await echo_through(entry_point, b"ping") == b"ping"
 
 
 async def test_counters_grow_with_traffic(facilities: Pair, echo_server: str) -> None:
-    created, joined = await _open(facilities, echo_server)
-    await _echo_through(joined.entry_points[0], b"x" * 100_000)
+    created, joined = await open_session(facilities, echo_server)
+    await echo_through(joined.entry_points[0], b"x" * 100_000)
     async with facilities[1].client() as client:
         consumer = await client.get(joined.session_id)
     async with facilities[0].client() as client:
@@ -95,33 +77,33 @@ async def test_counters_grow_with_traffic(facilities: Pair, echo_server: str) ->
 
 
 async def test_release_on_consumer_side_releases_both(facilities: Pair, echo_server: str) -> None:
-    created, joined = await _open(facilities, echo_server)
+    created, joined = await open_session(facilities, echo_server)
     async with facilities[1].client() as client:
         released = await client.release(joined.session_id)
     assert released.state == api.State.RELEASED
     assert await _state(facilities[0], created.session.session_id) == api.State.RELEASED
     with pytest.raises(OSError):
-        await _echo_through(joined.entry_points[0], b"gone")
+        await echo_through(joined.entry_points[0], b"gone")
 
 
 async def test_release_on_producer_side_releases_both(facilities: Pair, echo_server: str) -> None:
-    created, joined = await _open(facilities, echo_server)
+    created, joined = await open_session(facilities, echo_server)
     async with facilities[0].client() as client:
         await client.release(created.session.session_id)
     assert await _state(facilities[1], joined.session_id) == api.State.RELEASED
 
 
 async def test_released_ports_are_reused(facilities: Pair, echo_server: str) -> None:
-    created, joined = await _open(facilities, echo_server)
+    created, joined = await open_session(facilities, echo_server)
     async with facilities[1].client() as client:
         await client.release(joined.session_id)
-    created2, joined2 = await _open(facilities, echo_server)
+    created2, joined2 = await open_session(facilities, echo_server)
     assert joined2.entry_points == joined.entry_points
     assert created2.session.data_endpoints == created.session.data_endpoints
 
 
 async def test_ls_shows_ended_sessions_as_records(facilities: Pair, echo_server: str) -> None:
-    _, joined = await _open(facilities, echo_server)
+    _, joined = await open_session(facilities, echo_server)
     async with facilities[1].client() as client:
         await client.release(joined.session_id)
         sessions = await client.list()
@@ -129,7 +111,7 @@ async def test_ls_shows_ended_sessions_as_records(facilities: Pair, echo_server:
 
 
 async def test_watch_streams_until_the_session_ends(facilities: Pair, echo_server: str) -> None:
-    _, joined = await _open(facilities, echo_server)
+    _, joined = await open_session(facilities, echo_server)
     states: list[api.State] = []
 
     async def watch() -> None:
@@ -146,7 +128,7 @@ async def test_watch_streams_until_the_session_ends(facilities: Pair, echo_serve
 
 
 async def test_lease_expiry_releases_the_session(facilities: Pair, echo_server: str) -> None:
-    created, _ = await _open(facilities, echo_server, ttl_seconds=1)
+    created, _ = await open_session(facilities, echo_server, ttl_seconds=1)
     deadline = time.monotonic() + 5
     while await _state(facilities[0], created.session.session_id) != api.State.RELEASED:
         assert time.monotonic() < deadline, "lease did not expire"
@@ -155,13 +137,13 @@ async def test_lease_expiry_releases_the_session(facilities: Pair, echo_server: 
 
 async def test_a_refusing_destination_fails_the_stream_not_the_session(facilities: Pair) -> None:
     closed_port = free_port_block(1)
-    _, joined = await _open(facilities, f"127.0.0.1:{closed_port}")
-    assert await _echo_through(joined.entry_points[0], b"hello") == b""
+    _, joined = await open_session(facilities, f"127.0.0.1:{closed_port}")
+    assert await echo_through(joined.entry_points[0], b"hello") == b""
     assert await _state(facilities[1], joined.session_id) == api.State.ACTIVE
 
     server = await asyncio.start_server(lambda r, w: w.write(b"late") or w.close(), "127.0.0.1", closed_port)
     try:
-        assert await _echo_through(joined.entry_points[0], b"hello") == b"late"
+        assert await echo_through(joined.entry_points[0], b"hello") == b"late"
     finally:
         server.close()
 
@@ -199,7 +181,7 @@ async def test_invalid_token_is_unauthenticated(facilities: Pair, echo_server: s
 
 
 async def test_another_subject_cannot_see_or_release_my_session(facilities: Pair, echo_server: str) -> None:
-    created, _ = await _open(facilities, echo_server)
+    created, _ = await open_session(facilities, echo_server)
     session_id = created.session.session_id
     async with facilities[0].client("bob") as bob:
         with pytest.raises(NotFound):
@@ -211,7 +193,7 @@ async def test_another_subject_cannot_see_or_release_my_session(facilities: Pair
 
 
 async def test_admin_sees_every_session(facilities: Pair, echo_server: str) -> None:
-    created, _ = await _open(facilities, echo_server)
+    created, _ = await open_session(facilities, echo_server)
     assert [sid for sid, _ in await _snapshot(facilities[0])] == [created.session.session_id]
 
 
@@ -224,7 +206,7 @@ async def test_unknown_session_is_not_found(facilities: Pair) -> None:
 
 
 async def test_releasing_twice_is_failed_precondition(facilities: Pair, echo_server: str) -> None:
-    _, joined = await _open(facilities, echo_server)
+    _, joined = await open_session(facilities, echo_server)
     async with facilities[1].client() as client:
         await client.release(joined.session_id)
         with pytest.raises(FailedPrecondition):
@@ -255,7 +237,7 @@ async def test_a_ticket_joins_once(facilities: Pair, echo_server: str) -> None:
         with pytest.raises(AlreadyExists):
             await consumer.join(api.JoinSessionRequest(ticket=created.ticket))
     assert await _snapshot(b) == [(first.session.session_id, api.State.ACTIVE)]
-    assert await _echo_through(first.session.entry_points[0], b"still") == b"still"
+    assert await echo_through(first.session.entry_points[0], b"still") == b"still"
 
 
 async def test_port_range_exhausted_is_resource_exhausted(tmp_path: Path, echo_server: str) -> None:
@@ -272,7 +254,7 @@ async def test_port_range_exhausted_is_resource_exhausted(tmp_path: Path, echo_s
 
 
 async def test_entry_port_of_another_session_is_already_exists(facilities: Pair, echo_server: str) -> None:
-    _, joined = await _open(facilities, echo_server)
+    _, joined = await open_session(facilities, echo_server)
     taken = int(joined.entry_points[0].rsplit(":", 1)[1])
     a, b = facilities
     async with a.client() as producer:
@@ -349,7 +331,7 @@ async def test_challenge_for_unknown_session_is_not_found(facilities: Pair) -> N
 
 
 async def test_leave_with_a_wrong_proof_is_permission_denied(facilities: Pair, echo_server: str) -> None:
-    created, _ = await _open(facilities, echo_server)
+    created, _ = await open_session(facilities, echo_server)
     session_id = created.session.session_id
     channel = await _peer_channel(facilities[0])
     try:
