@@ -1,9 +1,10 @@
-"""asyncio protocols of one relayed TCP connection: a plain leg (the app's socket) spliced to a
-framed TLS leg (the tunnel), with explicit flow control and in-band end-of-stream.
+"""One relayed TCP connection: the app's socket (plain) pumped to and from a TLS channel carrying
+frames (wire.py), with flow control in both directions and in-band end-of-stream.
 
-Flow control: when one leg's write buffer passes its high-water mark, the other leg stops reading
-until it drains. uvloop delivers data right after `connection_made` even when reading is paused, so
-data that arrives before the other leg exists is kept and written once it does.
+Flow control without queues: plain → tunnel, one buffer is read and handed to the channel; the plain
+socket is read again only once OpenSSL has taken it all. Tunnel → plain, the payload of one channel read
+is written to the plain socket; the channel stays paused until it is. So a slow side stops the other
+with at most one read in flight per direction.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from dataclasses import dataclass
-from typing import Any, cast
 
-from .wire import END_OF_STREAM, StreamDecoder, WireError, frame_chunks
+from .channel import POOL, TlsChannel
+from .wire import END_OF_STREAM, StreamDecoder, WireError
 
-WRITE_HIGH = 1024 * 1024
-WRITE_LOW = 256 * 1024
-SOCKET_BUFFER = 4 * 1024 * 1024
+IOV_MAX = 1024  # pieces per sendmsg
+_LENGTH = struct.Struct("!I")
 
 
 @dataclass
@@ -33,206 +34,185 @@ class Counters:
     dropped_datagrams: int = 0
 
 
-def tune(transport: asyncio.BaseTransport) -> None:
-    """Larger buffers and write limits; no Nagle delay for interactive traffic.
+class TcpPump:
+    """Each direction ends with end-of-stream (FIN on the plain socket, an empty frame on the tunnel);
+    the connection closes once both have ended, or at once when either side fails."""
 
-    TCP socket buffers are left to the kernel's autotuning, which grows them up to net.ipv4.tcp_rmem and
-    tcp_wmem (32 and 4 MiB on our hosts): setting SO_RCVBUF would fix the size (capped by
-    net.core.rmem_max) and turn autotuning off, which measured slower. UDP has no autotuning: raised.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            if sock.type == socket.SOCK_STREAM:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    if hasattr(transport, "set_write_buffer_limits"):
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-
-
-class Leg(asyncio.Protocol):
-    """One socket of a Splice; forwards every event to it."""
-
-    def __init__(self, splice: Splice | None = None) -> None:
-        self.splice = splice
-        self.transport: asyncio.Transport | None = None
-        self.paused = False
-        self.tls = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.tls = transport.get_extra_info("ssl_object") is not None
-        tune(transport)
-        if self.splice is not None:
-            self.splice.made(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.received(self, data)
-
-    def eof_received(self) -> bool:
-        if self.splice is not None:
-            self.splice.eof(self)
-        # Keep a plain socket's write side open: the other direction may still be flowing. (A TLS
-        # transport cannot stay half-open; end-of-stream travels in band there.)
-        return not self.tls
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.splice is not None:
-            self.splice.lost(self, exc)
-
-    def pause_writing(self) -> None:
-        if self.splice is not None:
-            self.splice.other(self).pause()
-
-    def resume_writing(self) -> None:
-        if self.splice is not None:
-            self.splice.other(self).resume()
-
-    def pause(self) -> None:
-        if self.transport is not None and not self.paused:
-            self.paused = True
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self.transport is not None and self.paused:
-            self.paused = False
-            with contextlib.suppress(RuntimeError, AttributeError):
-                self.transport.resume_reading()
-
-    def close(self, abort: bool = False) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-
-
-class Splice:
-    """One relayed TCP connection: `plain` carries raw bytes, `tunnel` carries frames (wire.py).
-
-    Each direction ends with end-of-stream (FIN on the plain leg, an empty frame on the tunnel); the
-    connection closes once both have ended, or at once when either leg fails.
-    """
-
-    def __init__(self, counters: Counters, tracked: set[Splice], tunnel: Leg | None = None) -> None:
-        self.plain = Leg(self)
-        self.tunnel = tunnel or Leg(self)
-        self.tunnel.splice = self
+    def __init__(self, plain: socket.socket, counters: Counters, tracked: set[TcpPump]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.plain = plain
+        self.fd = plain.fileno()
+        self.channel: TlsChannel | None = None
         self._counters = counters
         self._tracked = tracked
         self._decoder = StreamDecoder()
-        self._to_tunnel: list[bytes | memoryview] = []  # before the tunnel leg is ready
-        self._to_plain: list[bytes | memoryview] = []  # before the plain leg is ready
-        self._tunnel_ready = False
-        self._plain_ended = False  # the app half-closed: end-of-stream sent (or queued) to the tunnel
+        self._up: bytearray | None = None  # lent to the channel until it drains
+        self._down: list[bytes | memoryview] = []  # payload not yet written to the plain socket
+        self._reading = False
+        self._writing = False
+        self._plain_ended = False  # the app half-closed: end-of-stream written to the channel
+        self._shut = False  # end-of-stream from the tunnel passed on as FIN
         self._done = False
         tracked.add(self)
         counters.connections += 1
         counters.active += 1
 
-    # ---- wiring ----------------------------------------------------------------------------
-
-    def other(self, leg: Leg) -> Leg:
-        return self.tunnel if leg is self.plain else self.plain
-
-    def made(self, leg: Leg) -> None:
+    def attach(self, channel: TlsChannel, header: bytes = b"", early: bytes = b"") -> None:
+        """Starts relaying over `channel`: `header` is sent first (consumer side), `early` is tunnel
+        data that came with the connection header (producer side)."""
         if self._done:
-            leg.close(abort=True)  # the other leg failed before this one was connected
-        elif leg is self.plain:
-            if self._to_plain:
-                self._deliver(self._to_plain)
-                self._to_plain = []
-            self.tunnel.resume()
-            self._finish_if_done()
+            channel.abort()
+            return
+        self.channel = channel
+        channel.write(header)
+        channel.start(self)
+        if early:
+            self.data_received(memoryview(early))
+        self._read_plain()
 
-    def tunnel_ready(self, header: bytes = b"") -> None:
-        """The tunnel leg may now carry frames (after the header, on the consumer side)."""
-        transport = self.tunnel.transport
-        assert transport is not None
-        self._tunnel_ready = True
-        transport.writelines([header, *self._to_tunnel] if header else self._to_tunnel)
-        self._to_tunnel = []
-        self.plain.resume()
+    # ---- plain → tunnel --------------------------------------------------------------------
+
+    def _read_plain(self) -> None:
+        if not self._reading and not self._done and not self._plain_ended:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._plain_readable)
+
+    def _stop_plain(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.fd)
+
+    def _plain_readable(self) -> None:
+        channel = self.channel
+        if channel is None or self._done:
+            return
+        buffer = POOL.take()
+        view = memoryview(buffer)
+        try:
+            n = self.plain.recv_into(view[_LENGTH.size :])
+        except (BlockingIOError, InterruptedError):
+            POOL.give(buffer)
+            return
+        except OSError:
+            POOL.give(buffer)
+            self.abort()
+            return
+        if n == 0:
+            POOL.give(buffer)
+            self._stop_plain()
+            self._plain_ended = True
+            channel.write(END_OF_STREAM)
+            self._finish_if_done()
+            return
+        self._counters.bytes_in += n
+        _LENGTH.pack_into(buffer, 0, n)
+        channel.write(view[: _LENGTH.size + n])
+        if channel.write_buffer_size:
+            self._up = buffer  # OpenSSL still reads from it: no more plain data until it drains
+            self._stop_plain()
+        else:
+            POOL.give(buffer)
+
+    def write_drained(self) -> None:
+        if self._up is not None:
+            POOL.give(self._up)
+            self._up = None
+        self._read_plain()
         self._finish_if_done()
 
-    # ---- events ----------------------------------------------------------------------------
+    # ---- tunnel → plain --------------------------------------------------------------------
 
-    def received(self, leg: Leg, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         if self._done:
-            return  # the other leg is gone: nothing can be relayed any more
-        if leg is self.plain:
-            self._counters.bytes_in += len(data)
-            if self._tunnel_ready and self.tunnel.transport is not None:
-                self.tunnel.transport.writelines(frame_chunks(data))
-            else:
-                self._to_tunnel += frame_chunks(data)
-                self.plain.pause()
-        else:
-            self.from_tunnel(data)
-
-    def from_tunnel(self, data: bytes) -> None:
+            return
         try:
-            pieces = self._decoder.feed(data)
+            self._down = self._decoder.feed(data)
         except WireError:
             self.abort()
             return
-        if self.plain.transport is None:
-            self._to_plain += pieces
-            self.tunnel.pause()
-        else:
-            self._deliver(pieces)
+        self._write_plain()
+
+    def _write_plain(self) -> None:
+        pieces = self._down
+        while pieces:
+            try:
+                sent = self.plain.sendmsg(pieces[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            self._counters.bytes_out += sent
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if sent:
+                pieces[0] = pieces[0][sent:]
+            elif pieces:
+                # The app reads slower than the tunnel delivers: hold the channel until it catches up.
+                assert self.channel is not None
+                self.channel.pause_reading()
+                if not self._writing:
+                    self._writing = True
+                    self.loop.add_writer(self.fd, self._plain_writable)
+                return
+        if self._decoder.ended and not self._shut:
+            self._shut = True
+            with contextlib.suppress(OSError):
+                self.plain.shutdown(socket.SHUT_WR)
         self._finish_if_done()
 
-    def _deliver(self, pieces: list[bytes | memoryview]) -> None:
-        transport = self.plain.transport
-        assert transport is not None
-        for piece in pieces:
-            self._counters.bytes_out += len(piece)
-            transport.write(piece)
-        if self._decoder.ended and transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
-
-    def eof(self, leg: Leg) -> None:
-        if self._done:
-            return
-        if leg is self.plain:
-            self._plain_ended = True
-            if self._tunnel_ready and self.tunnel.transport is not None:
-                self.tunnel.transport.write(END_OF_STREAM)
-            else:
-                self._to_tunnel.append(END_OF_STREAM)
-            self._finish_if_done()
-        elif not self._decoder.ended:
-            self.abort()  # the tunnel ended without end-of-stream: the other side failed
-
-    def lost(self, leg: Leg, exc: Exception | None) -> None:
-        clean = exc is None and self._plain_ended and self._decoder.ended
-        self._end()
-        self.other(leg).close(abort=not clean)
+    def _plain_writable(self) -> None:
+        self._write_plain()
+        if not self._down and self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+            if not self._done and self.channel is not None:
+                self.channel.resume_reading()
 
     # ---- ending ----------------------------------------------------------------------------
 
+    def eof_received(self) -> None:
+        if not self._decoder.ended:
+            self.abort()  # the tunnel ended without end-of-stream: the other side failed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._done:
+            clean = exc is None and self._plain_ended and self._decoder.ended and not self._down
+            self._end(abort=not clean)
+
     def _finish_if_done(self) -> None:
-        if self._plain_ended and self._decoder.ended and self._tunnel_ready and not self._to_plain:
-            self._end()
-            self.plain.close()
-            self.tunnel.close()
+        channel = self.channel
+        if (
+            self._plain_ended
+            and self._shut
+            and not self._down
+            and channel is not None
+            and not channel.write_buffer_size
+            and not self._done
+        ):
+            self._end(abort=False)
 
     def abort(self) -> None:
-        self._end()
-        self.plain.close(abort=True)
-        self.tunnel.close(abort=True)
+        self._end(abort=True)
 
-    def _end(self) -> None:
-        if not self._done:
-            self._done = True
-            self._counters.active -= 1
-            self._tracked.discard(self)
-
-
-def peer_of(transport: asyncio.BaseTransport) -> Any:
-    return transport.get_extra_info("ssl_object")
+    def _end(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._counters.active -= 1
+        self._tracked.discard(self)
+        self._stop_plain()
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        self._down = []
+        if abort:
+            # RST rather than FIN: the app must not take a truncated stream for a complete one.
+            with contextlib.suppress(OSError):
+                self.plain.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.plain.close()
+        if self.channel is not None:
+            if abort:
+                self.channel.abort()
+            else:
+                self.channel.close()

@@ -4,14 +4,17 @@ side's entry points. Both are built from sockets the control process bound and h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
+import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import channel as channels
 from . import contexts
-from .relay import Counters, Leg, Splice
+from .channel import Acceptor, TlsChannel
+from .relay import Counters, TcpPump
 from .udp import ProducerFlows, UdpEntry
 from .wire import MAX_HEADER_SIZE, Kind, WireError, decode_header, encode_header
 
@@ -20,6 +23,7 @@ logger = logging.getLogger("scistream.tlsrelay")
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 BACKLOG = 4096
+FAILED = (OSError, TimeoutError, ValueError)  # ssl.SSLError and ConnectionError are OSErrors
 
 
 @dataclass(frozen=True)
@@ -45,37 +49,15 @@ class ConsumerSpec:
     udp_idle: float = 60.0
 
 
-class _Acceptor(Leg):
-    """Producer side: one accepted TLS connection, until its header is read; then a tunnel leg."""
+class _Opening:
+    """Producer side: an accepted TLS connection from the consumer side, until its header is read."""
 
-    def __init__(self, relay: ProducerRelay) -> None:
-        super().__init__()
+    def __init__(self, relay: ProducerRelay, channel: TlsChannel) -> None:
         self.relay = relay
+        self.channel = channel
         self._header = bytearray()
-        self._flows: ProducerFlows | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        fingerprint = contexts.peer_fingerprint(transport.get_extra_info("ssl_object"))
-        if not self.relay.allowed or fingerprint != self.relay.allowed:
-            self.reject("not the session's consumer side")
-            return
-        self.relay.legs.add(self)
-
-    def reject(self, why: str) -> None:
-        self.relay.counters.rejected += 1
-        logger.info("session %s: refused a tunnel connection: %s", self.relay.spec.session_id, why)
-        self.close(abort=True)
-
-    def data_received(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.received(self, data)
-        elif self._flows is not None:
-            self._flows.received(data)
-        else:
-            self._read_header(data)
-
-    def _read_header(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         self._header += data
         try:
             parsed = decode_header(self._header)
@@ -87,35 +69,42 @@ class _Acceptor(Leg):
                 self.reject("header too long")
             return
         header, size = parsed
-        rest = bytes(self._header[size:])
-        self._header.clear()
+        early = bytes(self._header[size:])
         destinations = self.relay.spec.destinations
         if not 0 <= header.dest_index < len(destinations):
             self.reject(f"no destination with index {header.dest_index}")
             return
-        destination = destinations[header.dest_index]
-        if header.kind is Kind.UDP:
-            self._flows = ProducerFlows(self, destination, self.relay.counters, self.relay.spec.udp_idle)
-            if rest:
-                self._flows.received(rest)
-            return
-        splice = Splice(self.relay.counters, self.relay.splices, tunnel=self)
-        splice.tunnel_ready()
-        if rest:
-            splice.from_tunnel(rest)
-        self.relay.connect(splice, destination)
+        self.relay.openings.discard(self)
+        self.relay.opened(self.channel, header.kind, destinations[header.dest_index], early)
 
-    def eof_received(self) -> bool:
-        if self.splice is None:
-            self.close(abort=True)
-            return False
-        return super().eof_received()
+    def reject(self, why: str) -> None:
+        self.relay.reject(why)
+        self.channel.abort()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.legs.discard(self)
-        if self._flows is not None:
-            self._flows.close()
-        super().connection_lost(exc)
+    def eof_received(self) -> None:
+        self.channel.abort()
+
+    def write_drained(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.relay.openings.discard(self)
+
+
+class _Tasks:
+    """Connection set-ups in flight, cancelled when the session's relay closes."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class ProducerRelay:
@@ -126,50 +115,84 @@ class ProducerRelay:
         self.counters = counters
         self.ctx = contexts.server_context(spec.cert_pem, spec.key_pem)
         self.allowed = ""
-        self.splices: set[Splice] = set()
-        self.legs: set[_Acceptor] = set()
-        self._servers: list[asyncio.AbstractServer] = []
-        self._connects: set[asyncio.Task[Any]] = set()
+        self.pumps: set[TcpPump] = set()
+        self.flows: set[ProducerFlows] = set()
+        self.openings: set[_Opening] = set()
+        self._acceptors: list[Acceptor] = []
+        self._tasks = _Tasks()
         if spec.peer_cert_pem:
             self.authorize(spec.peer_cert_pem)
 
     async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _Acceptor(self),
-            sock=sock,
-            ssl=self.ctx,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            backlog=BACKLOG,
-        )
-        self._servers.append(server)
+        self._acceptors.append(Acceptor(sock, self._accepted))
 
     def authorize(self, peer_cert_pem: bytes) -> None:
         contexts.trust(self.ctx, peer_cert_pem)
         self.allowed = contexts.fingerprint_of_pem(peer_cert_pem)
 
-    def connect(self, splice: Splice, destination: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
-        coro = loop.create_connection(lambda: splice.plain, *destination)
-        task = loop.create_task(asyncio.wait_for(coro, CONNECT_TIMEOUT))
-        self._connects.add(task)
+    def reject(self, why: str) -> None:
+        self.counters.rejected += 1
+        logger.info("session %s: refused a tunnel connection: %s", self.spec.session_id, why)
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self._connects.discard(t)
-            if t.cancelled() or t.exception() is not None:
-                splice.abort()
+    def _accepted(self, raw: socket.socket) -> None:
+        try:
+            sock = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except FAILED:
+            raw.close()
+            return
+        self._tasks.start(self._handshake(sock))
 
-        task.add_done_callback(done)
+    async def _handshake(self, sock: ssl.SSLSocket) -> None:
+        try:
+            channel = await channels.handshake(sock, HANDSHAKE_TIMEOUT)
+        except FAILED as exc:
+            sock.close()
+            self.reject(f"TLS handshake failed: {exc}")
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if not self.allowed or channel.peer_fingerprint != self.allowed:
+            self.reject("not the session's consumer side")
+            channel.abort()
+            return
+        opening = _Opening(self, channel)
+        self.openings.add(opening)
+        channel.start(opening)
+
+    def opened(self, channel: TlsChannel, kind: Kind, destination: tuple[str, int], early: bytes) -> None:
+        """A connection header named `destination`: UDP flows or one TCP connection to it."""
+        if kind is Kind.UDP:
+            flows = ProducerFlows(channel, destination, self.counters, self.spec.udp_idle, self.flows)
+            channel.start(flows)
+            if early:
+                flows.data_received(memoryview(early))
+            return
+        channel.pause_reading()  # until the destination answers
+        self._tasks.start(self._connect(channel, destination, early))
+
+    async def _connect(self, channel: TlsChannel, destination: tuple[str, int], early: bytes) -> None:
+        try:
+            plain = await channels.connect_tcp(*destination, CONNECT_TIMEOUT)
+        except FAILED as exc:
+            logger.info("session %s: destination %s:%s: %s", self.spec.session_id, *destination, exc)
+            channel.abort()
+            return
+        except BaseException:
+            channel.abort()
+            raise
+        TcpPump(plain, self.counters, self.pumps).attach(channel, early=early)
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._connects):
-            task.cancel()
-        for splice in list(self.splices):
-            splice.abort()
-        for leg in list(self.legs):
-            leg.close(abort=True)
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._tasks.cancel()
+        for pump in list(self.pumps):
+            pump.abort()
+        for flows in list(self.flows):
+            flows.close()
+        for opening in list(self.openings):
+            opening.channel.abort()
 
 
 class ConsumerRelay:
@@ -180,72 +203,54 @@ class ConsumerRelay:
         self.counters = counters
         self.ctx = contexts.client_context(spec.cert_pem, spec.key_pem, spec.peer_cert_pem)
         self.expected = contexts.fingerprint_of_pem(spec.peer_cert_pem)
-        self.splices: set[Splice] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self.pumps: set[TcpPump] = set()
+        self._acceptors: list[Acceptor] = []
         self._entries: list[UdpEntry] = []
-        self._connects: set[asyncio.Future[Any]] = set()
+        self._tasks = _Tasks()
 
     async def start(self, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         for sock, index in zip(socks, self.spec.dest_indexes, strict=True):
             header = encode_header(self.spec.kind, index)
             if self.spec.kind is Kind.UDP:
-                entry = UdpEntry(self._connect, header, self.counters, self.spec.udp_idle)
+                entry = UdpEntry(self.connect, header, self.counters, self.spec.udp_idle)
                 await loop.create_datagram_endpoint(lambda e=entry: e, sock=sock)  # type: ignore[misc]
                 self._entries.append(entry)
             else:
-                server = await loop.create_server(
-                    lambda h=header: self._accept(h),  # type: ignore[misc]
-                    sock=sock,
-                    backlog=BACKLOG,
-                )
-                self._servers.append(server)
+                self._acceptors.append(Acceptor(sock, lambda raw, h=header: self._accepted(raw, h)))  # type: ignore[misc]
 
-    def _accept(self, header: bytes) -> Leg:
-        splice = Splice(self.counters, self.splices)
+    def _accepted(self, raw: socket.socket, header: bytes) -> None:
+        pump = TcpPump(raw, self.counters, self.pumps)  # the app's bytes wait in the kernel meanwhile
+        self._tasks.start(self._tunnel(pump, header))
 
-        def done(future: asyncio.Future[Any]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                splice.abort()
-            else:
-                splice.tunnel_ready(header)
+    async def _tunnel(self, pump: TcpPump, header: bytes) -> None:
+        try:
+            channel = await self.connect()
+        except FAILED as exc:
+            logger.info("session %s: tunnel connection failed: %s", self.spec.session_id, exc)
+            pump.abort()
+            return
+        except BaseException:
+            pump.abort()
+            raise
+        pump.attach(channel, header=header)
 
-        self._connect(splice.tunnel).add_done_callback(done)
-        return splice.plain
-
-    def _connect(self, leg: Leg) -> asyncio.Future[Any]:
-        """Opens a TLS connection to the data endpoint for `leg`; fails unless the peer is the pinned one."""
-        loop = asyncio.get_running_loop()
+    async def connect(self) -> TlsChannel:
+        """A TLS connection to the data endpoint; fails unless the peer is the pinned one."""
         host, port = self.spec.endpoint
-        future = asyncio.ensure_future(self._open(loop, leg, host, port))
-        self._connects.add(future)
-        future.add_done_callback(self._connects.discard)
-        return future
-
-    async def _open(self, loop: asyncio.AbstractEventLoop, leg: Leg, host: str, port: int) -> None:
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: leg,
-                host,
-                port,
-                ssl=self.ctx,
-                server_hostname=self.spec.server_name,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            ),
-            CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
+        channel = await channels.connect(
+            self.ctx, host, port, self.spec.server_name, CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT
         )
-        if contexts.peer_fingerprint(transport.get_extra_info("ssl_object")) != self.expected:
-            transport.abort()
+        if channel.peer_fingerprint != self.expected:
+            channel.abort()
             raise ConnectionError("the data endpoint presented another certificate")
+        return channel
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for future in list(self._connects):
-            future.cancel()
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._tasks.cancel()
         for entry in self._entries:
             entry.close()
-        for splice in list(self.splices):
-            splice.abort()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)
+        for pump in list(self.pumps):
+            pump.abort()

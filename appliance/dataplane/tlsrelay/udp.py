@@ -5,37 +5,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from quic_relay.udp import IdleSweeper
 
-from .relay import Counters, Leg, tune
+from .channel import TlsChannel
+from .relay import Counters
 from .wire import DatagramDecoder, FlowIds, WireError, encode_datagram
 
 MAX_QUEUED = 256  # datagrams held while a tunnel or flow socket is being set up
-Send = Callable[[bytes], None]
+MAX_BACKLOG = 4 * 1024 * 1024  # bytes waiting for the TLS channel; beyond it datagrams are dropped
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def tune(transport: asyncio.BaseTransport) -> None:
+    """UDP has no buffer autotuning: raised, so bursts are not dropped by the kernel."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
 class Batch:
-    """Datagram frames bound for one TLS transport, written once per event-loop turn: a TLS record
+    """Datagram frames bound for one TLS channel, written once per event-loop turn: a TLS record
     (and a send) then carries many datagrams instead of one each."""
 
     def __init__(self) -> None:
         self._frames: list[bytes] = []
-        self._transport: asyncio.WriteTransport | None = None
+        self._channel: TlsChannel | None = None
 
-    def add(self, transport: asyncio.WriteTransport, frame: bytes) -> None:
+    def add(self, channel: TlsChannel, frame: bytes) -> None:
         if not self._frames:
             asyncio.get_running_loop().call_soon(self.flush)
         self._frames.append(frame)
-        self._transport = transport
+        self._channel = channel
 
     def flush(self) -> None:
         frames, self._frames = self._frames, []
-        transport = self._transport
-        if frames and transport is not None and not transport.is_closing():
-            transport.write(b"".join(frames))
+        channel = self._channel
+        if frames and channel is not None and not channel.closed:
+            channel.write(b"".join(frames))
 
 
 class _FlowSocket(asyncio.DatagramProtocol):
@@ -66,8 +78,17 @@ class _FlowSocket(asyncio.DatagramProtocol):
 class ProducerFlows:
     """Producer side of one UDP tunnel connection: flow id → a socket connected to the destination."""
 
-    def __init__(self, tunnel: Leg, destination: tuple[str, int], counters: Counters, idle: float) -> None:
+    def __init__(
+        self,
+        tunnel: TlsChannel,
+        destination: tuple[str, int],
+        counters: Counters,
+        idle: float,
+        tracked: set[ProducerFlows],
+    ) -> None:
         self._tunnel = tunnel
+        self._tracked = tracked
+        tracked.add(self)
         self._destination = destination
         self._counters = counters
         self._idle = idle
@@ -76,7 +97,9 @@ class ProducerFlows:
         self._batch = Batch()
         self._clock = IdleSweeper(idle, self._sweep)
 
-    def received(self, data: bytes) -> None:
+    # ---- the TLS channel's protocol ----------------------------------------------------------
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             datagrams = self._decoder.feed(data)
         except WireError:
@@ -111,15 +134,26 @@ class ProducerFlows:
         elif self._flows.get(flow.flow_id) is not flow:
             task.result()[0].close()  # closed while being created
 
+    def eof_received(self) -> None:
+        self.close()
+
+    def write_drained(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------
+
     def reply(self, flow_id: int, payload: bytes) -> None:
-        transport = self._tunnel.transport
-        if transport is None or transport.is_closing():
+        channel = self._tunnel
+        if channel.closed:
             return
-        if transport.get_write_buffer_size() > 4 * 1024 * 1024:
+        if channel.write_buffer_size > MAX_BACKLOG:
             self._counters.dropped_datagrams += 1  # the tunnel is backed up: drop, as UDP would
             return
         self._counters.bytes_in += len(payload)
-        self._batch.add(transport, encode_datagram(flow_id, payload))
+        self._batch.add(channel, encode_datagram(flow_id, payload))
 
     def _sweep(self, now: float) -> None:
         for flow_id in [f for f, flow in self._flows.items() if now - flow.last_seen > self._idle]:
@@ -133,10 +167,11 @@ class ProducerFlows:
                 flow.transport.close()
 
     def close(self) -> None:
+        self._tracked.discard(self)
         self._clock.cancel()
         for flow_id in list(self._flows):
             self._forget(flow_id)
-        self._tunnel.close(abort=True)
+        self._tunnel.abort()
 
 
 class UdpEntry(asyncio.DatagramProtocol):
@@ -144,7 +179,7 @@ class UdpEntry(asyncio.DatagramProtocol):
 
     def __init__(
         self,
-        connect: Callable[[Leg], asyncio.Future[Any]],
+        connect: Callable[[], Awaitable[TlsChannel]],
         header: bytes,
         counters: Counters,
         idle: float,
@@ -158,6 +193,7 @@ class UdpEntry(asyncio.DatagramProtocol):
         self._decoder = DatagramDecoder()
         self._transport: asyncio.DatagramTransport | None = None
         self._tunnel: _UdpTunnel | None = None
+        self._connecting: asyncio.Task[TlsChannel] | None = None
         self._queued: list[bytes] = []
         self._batch = Batch()
         self._clock: IdleSweeper | None = None
@@ -179,36 +215,37 @@ class UdpEntry(asyncio.DatagramProtocol):
             self._counters.dropped_datagrams += 1
             return
         self._counters.bytes_in += len(data)
-        tunnel = self._tunnel_leg()
-        transport = tunnel.transport
-        if tunnel.ready and transport is not None and not transport.is_closing():
-            if transport.get_write_buffer_size() > 4 * 1024 * 1024:
+        tunnel = self._tunnel
+        if tunnel is not None and not tunnel.channel.closed:
+            if tunnel.channel.write_buffer_size > MAX_BACKLOG:
                 self._counters.dropped_datagrams += 1
             else:
-                self._batch.add(transport, frame)
-        elif len(self._queued) < MAX_QUEUED:
+                self._batch.add(tunnel.channel, frame)
+            return
+        if len(self._queued) < MAX_QUEUED:
             self._queued.append(frame)
         else:
             self._counters.dropped_datagrams += 1
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
 
-    def _tunnel_leg(self) -> _UdpTunnel:
-        if self._tunnel is None:
-            tunnel = self._tunnel = _UdpTunnel(self)
-            self._connect(tunnel).add_done_callback(lambda f: self._connected(f, tunnel))
-        return self._tunnel
-
-    def _connected(self, future: asyncio.Future[Any], tunnel: _UdpTunnel) -> None:
-        if future.cancelled() or future.exception() is not None or tunnel.transport is None:
+    def _connected(self, task: asyncio.Task[TlsChannel]) -> None:
+        self._connecting = None
+        if task.cancelled() or task.exception() is not None:
             self._counters.dropped_datagrams += len(self._queued)
             self._queued.clear()
-            if self._tunnel is tunnel:
-                self._tunnel = None
             return
-        tunnel.ready = True
-        tunnel.transport.writelines([self._header, *self._queued])
+        channel = task.result()
+        if self._transport is None or self._transport.is_closing():
+            channel.abort()  # the entry point closed while the tunnel was being opened
+            return
+        self._tunnel = _UdpTunnel(self, channel)
+        channel.write(b"".join([self._header, *self._queued]))
         self._queued.clear()
+        channel.start(self._tunnel)
 
-    def from_tunnel(self, data: bytes) -> None:
+    def from_tunnel(self, data: bytes | memoryview) -> None:
         try:
             datagrams = self._decoder.feed(data)
         except WireError:
@@ -226,7 +263,7 @@ class UdpEntry(asyncio.DatagramProtocol):
         tunnel, self._tunnel = self._tunnel, None
         self._decoder = DatagramDecoder()
         if tunnel is not None:
-            tunnel.close(abort=True)
+            tunnel.channel.abort()
 
     def _sweep(self, now: float) -> None:
         idle = [f for f, seen in self._last_seen.items() if now - seen > self._idle]
@@ -240,31 +277,29 @@ class UdpEntry(asyncio.DatagramProtocol):
             self._clock.cancel()
         self._counters.active -= len(self._last_seen)
         self._last_seen.clear()
+        if self._connecting is not None:
+            self._connecting.cancel()
         self.tunnel_lost()
         if self._transport is not None:
             self._transport.close()
 
 
-class _UdpTunnel(Leg):
-    """The consumer side's TLS connection of one UDP entry point."""
+class _UdpTunnel:
+    """The consumer side's TLS channel of one UDP entry point (its protocol)."""
 
-    def __init__(self, entry: UdpEntry) -> None:
-        super().__init__()
+    def __init__(self, entry: UdpEntry, channel: TlsChannel) -> None:
         self.entry = entry
-        self.ready = False
+        self.channel = channel
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         self.entry.from_tunnel(data)
 
-    def eof_received(self) -> bool:
-        return False
+    def eof_received(self) -> None:
+        self.channel.abort()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def write_drained(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
         if self.entry._tunnel is self:
             self.entry.tunnel_lost()
-
-
-def close_quietly(transport: asyncio.BaseTransport | None) -> None:
-    with contextlib.suppress(Exception):
-        if transport is not None:
-            transport.close()

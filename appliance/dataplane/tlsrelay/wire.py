@@ -88,8 +88,9 @@ class StreamDecoder:
         self._prefix = bytearray()  # a length prefix split across chunks
         self.ended = False  # end-of-stream frame seen
 
-    def feed(self, data: bytes) -> list[bytes | memoryview]:
-        """Payload pieces in `data`; WireError on data after end-of-stream or an oversized frame."""
+    def feed(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """Payload pieces in `data` (views of it: valid as long as `data` is); WireError on data after
+        end-of-stream or an oversized frame."""
         if self._remaining >= len(data) and data:
             self._remaining -= len(data)
             return [data]
@@ -134,7 +135,7 @@ class DatagramDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         self._buffer += data
         out: list[tuple[int, bytes]] = []
         pos, buf = 0, self._buffer
