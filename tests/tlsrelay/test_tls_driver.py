@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -71,8 +74,72 @@ async def driver() -> AsyncIterator[TlsDriver]:
     await d.close()
 
 
-async def open_session(driver: TlsDriver, protocol: Protocol = Protocol.TCP, num_conn: int = 1) -> Session:
-    destination = Destination()
+class Echo(Destination):
+    """Writes back what it reads as it reads it (both directions busy at once), then half-closes.
+    It pauses now and then, so the relay's writes towards it back up while the replies flow."""
+
+    async def start(self) -> Address:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            while chunk := await reader.read(64 * 1024):
+                writer.write(chunk)
+                await writer.drain()
+                if len(chunk) % 3 == 0:
+                    await asyncio.sleep(0.002)
+            writer.write_eof()
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, HOST, 0)
+        return Address(HOST, self.server.sockets[0].getsockname()[1])
+
+
+class Resetting(Destination):
+    """Reads a little, then resets the connection (a producer app that crashes mid-stream)."""
+
+    async def start(self) -> Address:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            await reader.read(1)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+        self.server = await asyncio.start_server(handle, HOST, 0)
+        return Address(HOST, self.server.sockets[0].getsockname()[1])
+
+
+class Firehose(Destination):
+    """Writes as fast as it is allowed to and counts what the kernel took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+
+    async def start(self) -> Address:
+        chunk = bytes(256 * 1024)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            try:
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+                    self.written += len(chunk)
+            except ConnectionError:
+                writer.close()
+
+        self.server = await asyncio.start_server(handle, HOST, 0)
+        return Address(HOST, self.server.sockets[0].getsockname()[1])
+
+
+async def open_session(
+    driver: TlsDriver,
+    protocol: Protocol = Protocol.TCP,
+    num_conn: int = 1,
+    destination: Destination | None = None,
+) -> Session:
+    destination = destination or Destination()
     dest = await destination.start()
     ports = PortAllocator(PortRange(20000, 20999), HOST)
     pc, cc = credentials("producer"), credentials("consumer")
@@ -96,6 +163,80 @@ async def test_tcp_connection_is_relayed_both_ways_with_half_close(driver: TlsDr
     session = await open_session(driver)
     data = bytes(range(256)) * 20000
     assert await exchange(session.entry, data) == data[::-1]
+
+
+async def test_large_streams_are_relayed_intact_both_ways_at_once(driver: TlsDriver) -> None:
+    """Several connections with reads and writes in flight in both directions, sharing one relay
+    process: reusing a buffer that is still being sent would corrupt a stream."""
+    session = await open_session(driver, destination=Echo())
+
+    async def stream(seed: int) -> None:
+        data = os.urandom(8 * 1024 * 1024)
+        reader, writer = await asyncio.open_connection(session.entry.host, session.entry.port)
+
+        async def send() -> None:
+            view, step = memoryview(data), 65_000 + seed * 7_001  # frames straddle records and reads
+            for start in range(0, len(data), step):
+                writer.write(view[start : start + step])
+                await writer.drain()
+            writer.write_eof()
+
+        async def receive() -> bytes:
+            digest = hashlib.sha256()
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+            return digest.digest()
+
+        _, received = await asyncio.gather(send(), receive())
+        writer.close()
+        assert received == hashlib.sha256(data).digest(), f"stream {seed} corrupted"
+
+    await asyncio.wait_for(asyncio.gather(*(stream(seed) for seed in range(4))), 90)
+
+
+async def test_a_destination_reset_reaches_the_app_as_a_reset_not_as_the_end_of_the_stream(
+    driver: TlsDriver,
+) -> None:
+    session = await open_session(driver, destination=Resetting())
+    reader, writer = await asyncio.open_connection(session.entry.host, session.entry.port)
+    writer.write(b"hello")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+
+
+async def test_an_app_that_does_not_read_stops_the_sender_without_the_relay_buffering(
+    driver: TlsDriver,
+) -> None:
+    destination = Firehose()
+    session = await open_session(driver, destination=destination)
+    reader, writer = await asyncio.open_connection(session.entry.host, session.entry.port)
+    writer.write(b"go")
+
+    async def stalled() -> int:
+        last = -1
+        while destination.written != last:  # until the whole chain is full
+            last = destination.written
+            await asyncio.sleep(0.5)
+        return last
+
+    held = await asyncio.wait_for(stalled(), 30)
+    # Kernel socket buffers of three TCP hops (autotuned up to tcp_rmem/tcp_wmem) hold it all; the relay
+    # processes hold at most a read per direction and connection.
+    assert held > 0
+    rss = sum(_rss_kib(pid) for pid in driver.pool.pids)
+    assert rss < 120 * 1024, rss
+    got = 0
+    while got < held:  # and it all flows again once the app reads
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert chunk
+        got += len(chunk)
+    writer.close()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 async def test_parallel_connections_are_relayed_independently(driver: TlsDriver) -> None:
