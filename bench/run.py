@@ -48,6 +48,7 @@ class PathResult:
     path: str
     label: str
     tcp1: Figure = field(default_factory=Figure)
+    cpu1: Figure = field(default_factory=Figure)  # machine CPU busy during the one-stream runs, %
     tcp4: Figure = field(default_factory=Figure)
     udp: Figure = field(default_factory=Figure)
     udp_loss: Figure = field(default_factory=Figure)
@@ -67,13 +68,24 @@ def _mbits(report: dict[str, object], key: str) -> float:
     return float(end[key]["bits_per_second"]) / 1e6
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields)
+    return total - fields[3] - fields[4], total  # idle and iowait are not busy
+
+
 def measure_throughput(
     consumer: Facility, target: Target, result: PathResult, args: argparse.Namespace
 ) -> None:
     entry = f"{target.host}:{target.port}"
     for _ in range(args.runs):
+        busy0, total0 = cpu_times()
         tcp1 = run_iperf_client(consumer, entry, seconds=args.seconds, timeout=args.seconds + 60)
+        busy1, total1 = cpu_times()
         result.tcp1.values.append(_mbits(tcp1, "sum_received"))
+        result.cpu1.values.append(100 * (busy1 - busy0) / max(1, total1 - total0))
         tcp4 = run_iperf_client(consumer, entry, seconds=args.seconds, timeout=args.seconds + 60, streams=4)
         result.tcp4.values.append(_mbits(tcp4, "sum_received"))
         if target.udp:
@@ -130,18 +142,18 @@ def run_path(name: str, args: argparse.Namespace) -> PathResult:
 
 def table(results: list[PathResult], args: argparse.Namespace) -> str:
     head = (
-        "| path | TCP 1 stream, Mbit/s | TCP 4 streams, Mbit/s | "
+        "| path | TCP 1 stream, Mbit/s | CPU busy during it, % | TCP 4 streams, Mbit/s | "
         f"UDP {args.udp_rate} offered ({args.udp_length} B), Mbit/s received | UDP loss, % | "
         f"setup p50 / p95, ms ({args.setup_sessions} sessions) |"
     )
-    rows = [head, "|---|---|---|---|---|---|"]
+    rows = [head, "|---|---|---|---|---|---|---|"]
     for r in results:
         loss = (
             f"{r.udp_loss.median:.2f} ({min(r.udp_loss.values):.2f}-{max(r.udp_loss.values):.2f})"
             if r.udp_loss.values
             else str(r.udp_loss)
         )
-        rows.append(f"| {r.label} | {r.tcp1} | {r.tcp4} | {r.udp} | {loss} | {r.setup_text()} |")
+        rows.append(f"| {r.label} | {r.tcp1} | {r.cpu1} | {r.tcp4} | {r.udp} | {loss} | {r.setup_text()} |")
     return "\n".join(rows)
 
 
@@ -155,7 +167,8 @@ def write_report(results: list[PathResult], args: argparse.Namespace) -> Path:
             "",
             f"{when} on {platform.node()} ({os.cpu_count()} cores, Linux {platform.release()}).",
             f"Command: `scripts/bench {' '.join(sys.argv[1:])}`. Each figure: median (min-max) of "
-            f"{args.runs} runs of {args.seconds} s iperf3 between two namespaces joined by a veth pair.",
+            f"{args.runs} runs of {args.seconds} s iperf3 between two namespaces joined by a veth pair; "
+            "CPU busy: all cores of the machine together while the one-stream runs ran.",
             "",
             table(results, args),
             "",
