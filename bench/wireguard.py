@@ -11,6 +11,7 @@ import contextlib
 import subprocess
 import time
 
+from appliance.dataplane.wireguard import sockbuf
 from bench.paths import IPERF_PORT, ApplianceMode, BenchPath, Target
 from tests.integration.topology import Facility, Topology
 
@@ -48,7 +49,11 @@ class WireGuardByHand(BenchPath):
             f.run(*command)
             f.run("ip", "addr", "add", f"{TUNNEL_IPS[f.name]}/24", "dev", ifname)
             f.run("ip", "link", "set", ifname, "up")
+        self.tune()
         return Target(TUNNEL_IPS["a"], IPERF_PORT)
+
+    def tune(self) -> None:
+        """What the operator would add by hand; nothing for the plain yardstick."""
 
     def stop(self) -> None:
         """SIGTERM, so wireguard-go removes its socket (the topology's teardown kills with SIGKILL)."""
@@ -57,6 +62,20 @@ class WireGuardByHand(BenchPath):
         for proc in self._processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+
+
+class WireGuardByHandWideBuffers(WireGuardByHand):
+    """The yardstick with the UDP buffers our mode gives wireguard-go (7 MiB, as newer wireguard-go sets
+    itself): shows how much of a difference between the two is buffers and how much is our NAT path."""
+
+    name = "wireguard-go-wide"
+    label = "wireguard-go by hand, 7 MiB UDP buffers (wg, no NAT)"
+
+    def tune(self) -> None:
+        # `ip netns exec` execs wireguard-go: the process we spawned is wireguard-go itself.
+        for proc in self._processes:
+            if sockbuf.widen(proc.pid) == 0:
+                raise RuntimeError(f"process {proc.pid} has no UDP socket to widen")
 
 
 class WireGuardMode(ApplianceMode):
@@ -79,4 +98,6 @@ def _wait_socket(facility: Facility, ifname: str, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-WIREGUARD_PATHS: dict[str, type[BenchPath]] = {cls.name: cls for cls in (WireGuardByHand, WireGuardMode)}
+WIREGUARD_PATHS: dict[str, type[BenchPath]] = {
+    cls.name: cls for cls in (WireGuardByHand, WireGuardByHandWideBuffers, WireGuardMode)
+}

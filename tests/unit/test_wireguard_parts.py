@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from appliance.dataplane.wireguard import keys
+from appliance.dataplane.wireguard import keys, sockbuf
 from appliance.dataplane.wireguard.backend import DeviceConfig, PeerConfig
 from appliance.dataplane.wireguard.driver import WireGuardDriver, appliance_tag
 from appliance.dataplane.wireguard.kernel import KernelBackend, kernel_supported, peer_attrs
@@ -157,6 +160,41 @@ def test_uapi_lines_use_hex_keys_and_replace_peers_and_allowed_ips() -> None:
     assert ("public_key", "02" * 32) in items and ("preshared_key", "03" * 32) in items
     assert ("endpoint", "198.18.0.1:5100") in items and ("allowed_ip", "100.64.0.1/32") in items
     assert [k for k, _ in items].index("public_key") > [k for k, _ in items].index("listen_port")
+
+
+# A stand-in for wireguard-go: one UDP and one TCP socket; prints their receive buffers when asked.
+_HOLDER = """
+import socket, sys
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+print("ready", flush=True)
+sys.stdin.readline()
+print(*(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in (udp, tcp)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forcing buffer sizes needs CAP_NET_ADMIN")
+def test_wireguard_go_udp_sockets_get_wide_buffers_from_outside_and_nothing_else_changes() -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert sockbuf.widen(holder.pid, 4 << 20) == 1  # the UDP socket only
+        udp, tcp = holder.communicate("\n", timeout=10)[0].split()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert int(udp) == 2 * (4 << 20)  # the kernel doubles what it is asked for (bookkeeping overhead)
+    assert int(tcp) < 4 << 20
+
+
+def test_widening_a_process_that_is_gone_is_an_os_error() -> None:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    with pytest.raises(OSError):
+        sockbuf.widen(done.pid)
 
 
 def test_kernel_peer_attributes_use_base64_keys() -> None:

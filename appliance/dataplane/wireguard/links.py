@@ -79,7 +79,7 @@ def bring_up(ifname: str, addresses: Iterable[str]) -> None:
                     continue
                 if iface.version == 6:
                     # IPv6 disabled here (Docker's default): the session runs over IPv4 alone.
-                    _warn_once("ipv6", f"no IPv6 tunnel address on {ifname} ({exc.args[-1]}); IPv4 only")
+                    warn_once("ipv6", f"no IPv6 tunnel address on {ifname} ({exc.args[-1]}); IPv4 only")
                     continue
                 raise
         ipr.link("set", index=index, state="up")
@@ -90,7 +90,7 @@ def bring_up(ifname: str, addresses: Iterable[str]) -> None:
             sysctl(f"net/ipv4/conf/{ifname}/{key}", "1")
         except OSError as exc:
             # A host-networked container has a read-only /proc/sys: the host must set conf.all.* then.
-            _warn_once(
+            warn_once(
                 key,
                 f"cannot set net.ipv4.conf.{ifname}.{key} ({exc.strerror}); set net.ipv4.conf.all.{key}=1",
             )
@@ -123,7 +123,8 @@ def host_networks() -> list[Network]:
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """Logs `message` as a warning the first time `key` comes up in this process."""
     if key not in _warned:
         _warned.add(key)
         structlog.get_logger(__name__).warning(message)

@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from appliance.dataplane.wireguard import links
+from appliance.dataplane.wireguard import links, sockbuf
 from appliance.dataplane.wireguard.backend import Backend, BackendError, DeviceConfig
 from appliance.dataplane.wireguard.uapi import (
     SOCKET_DIR,
@@ -88,6 +88,21 @@ class UserspaceBackend(Backend):
             set_device(ifname, uapi_items(config))
         except UapiError as exc:
             raise BackendError(str(exc)) from None
+        self._widen_buffers(ifname)
+
+    def _widen_buffers(self, ifname: str) -> None:
+        """Setting the listen port has just bound new UDP sockets at the kernel's default buffer size,
+        too small for wireguard-go (see sockbuf.py); best effort: the tunnel works without."""
+        proc = self._procs.get(ifname)
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            sockbuf.widen(proc.pid)
+        except OSError as exc:
+            links.warn_once(
+                "sockbuf",
+                f"cannot widen wireguard-go's UDP buffers ({exc.strerror or exc}); throughput may suffer",
+            )
 
     def stats(self, ifname: str) -> PeerStats:
         try:
