@@ -8,6 +8,7 @@ container restarted, an appliance container killed. Assertions never depend on t
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -70,11 +71,23 @@ def test_iperf3_udp_crosses_a_quic_session(demo: Demo) -> None:
         demo.release("facility-b", session["consumer"]["session_id"])
 
 
+def wireguard_go_receive_buffers(demo: Demo, service: str) -> list[int]:
+    """SO_RCVBUF (as the kernel reports it) of each UDP socket of a wireguard-go in the container. `ss -p`
+    runs as root in the container, which sees other users' processes only with SYS_PTRACE as well."""
+    out = demo.exec(service, "ss", "-H", "-uamnp").output
+    entries = re.split(r"\n(?=\S)", out)  # an entry's skmem line is indented under it
+    return [int(m.group(1)) for e in entries if "wireguard-go" in e and (m := re.search(r"\brb(\d+)", e))]
+
+
 def test_iperf3_tcp_crosses_a_wireguard_session(demo: Demo) -> None:
     session = demo.connect("--mode", "wireguard")
     assert session["consumer"]["mode"] == "wireguard"
     report = demo.iperf(entry_port(session), seconds=3)
     assert report["end"]["sum_received"]["bytes"] > 0
+    # compose.yaml's SYS_PTRACE lets the appliance widen its wireguard-go's UDP buffers in the container
+    for service in ("facility-a", "facility-b"):
+        buffers = wireguard_go_receive_buffers(demo, service)
+        assert buffers and min(buffers) >= 7 << 20, (service, buffers)
     demo.release("facility-b", session["consumer"]["session_id"])
     wait_until(lambda: states(demo, session) == ("RELEASED", "RELEASED"), 15, "both sides RELEASED")
 
