@@ -72,6 +72,7 @@ class TlsChannel:
         self._writer = False
         self._reading = False
         self._lent: bytearray | None = None  # the buffer the paused protocol still reads from
+        self._holding = True
         self._closing = False
         self._closed = False
 
@@ -83,9 +84,12 @@ class TlsChannel:
         self.protocol = protocol
         self.resume_reading()
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, holding: bool = True) -> None:
+        """Stops reading. `holding=False` from inside `data_received` says the protocol keeps no view
+        of the data, so the buffer goes back to the pool now rather than at `resume_reading`."""
         if self._reading:
             self._reading = False
+            self._holding = holding
             self.loop.remove_reader(self.fd)
 
     def resume_reading(self) -> None:
@@ -120,7 +124,10 @@ class TlsChannel:
         if filled:
             self.protocol.data_received(view[:filled])
             if not self._reading:
-                self._lent = buffer  # paused during the call: the protocol still holds views of it
+                if self._holding:
+                    self._lent = buffer  # paused during the call: the protocol still holds views of it
+                else:
+                    POOL.give(buffer)
                 return
             if filled == READ_SIZE:
                 self.loop.call_soon(self._readable)  # more records may be waiting inside OpenSSL

@@ -168,7 +168,7 @@ class ProducerRelay:
             if early:
                 flows.data_received(memoryview(early))
             return
-        channel.pause_reading()  # until the destination answers
+        channel.pause_reading(holding=False)  # until the destination answers; `early` is a copy
         self._tasks.start(self._connect(channel, destination, early))
 
     async def _connect(self, channel: TlsChannel, destination: tuple[str, int], early: bytes) -> None:
