@@ -17,7 +17,7 @@ from appliance.cli.client import Target, connect
 from appliance.cli.units import parse_duration, parse_rate
 from appliance.control.channel import Trust
 from appliance.errors import ApplianceError, InvalidArgument
-from appliance.sessions.model import parse_destinations
+from appliance.sessions.model import Address, parse_destinations
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,6 +88,27 @@ def _target(
     server: str, token: str | None, ca: Path | None, fingerprint: str | None, insecure: bool, timeout: float
 ) -> Target:
     return Target(server, Trust(ca_file=ca, fingerprint=fingerprint or "", insecure=insecure), token, timeout)
+
+
+def _local_target(config_file: Path | None, timeout: float) -> Target:
+    """The appliance on this host as its own settings describe it: the listen address (a wildcard means
+    loopback), plaintext with --insecure, else its control certificate pinned by fingerprint (which does
+    not depend on the names the certificate was issued for)."""
+    from appliance.config import load_settings
+    from quic_relay import fingerprint_of
+
+    settings = load_settings(config_file)
+    listen = settings.listen_address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen.host, listen.host)
+    server = str(Address(host, listen.port))
+    if settings.insecure:
+        return Target(server, Trust(insecure=True), None, timeout)
+    cert = settings.tls_cert or settings.state_dir / "tls" / "control.crt"
+    try:
+        fingerprint = fingerprint_of(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read the appliance's control certificate {cert}: {exc}") from None
+    return Target(server, Trust(fingerprint=fingerprint), None, timeout)
 
 
 def _create_request(
@@ -383,11 +404,26 @@ def list_sessions(server: str, as_json: bool, **trust: Any) -> None:
 
 @cli.command()
 @client_options
-def health(server: str, as_json: bool, **trust: Any) -> None:
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Check this host's appliance where its configuration (environment and --config) says it listens, "
+    "trusting its own control certificate: for container healthchecks.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="With --local: the appliance's YAML configuration file.",
+)
+def health(server: str, as_json: bool, local: bool, config_file: Path | None, **trust: Any) -> None:
     """Exit 0 if the appliance is SERVING."""
+    target = _target(server, **trust)
+    if local:
+        target = _validated(lambda: _local_target(config_file, trust["timeout"]))
 
     async def go() -> bool:
-        async with connect(_target(server, **trust)) as client:
+        async with connect(target) as client:
             return await client.serving()
 
     serving = run(go())

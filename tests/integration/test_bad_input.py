@@ -152,3 +152,23 @@ def test_exhausted_port_range_is_refused_and_earlier_sessions_keep_working(
     joined = b.json("outbound", first["ticket"])
     report = run_iperf_client(topology.b, joined["entry_points"][0], seconds=2)
     assert report["end"]["sum_received"]["bits_per_second"] > 0
+
+
+def test_health_local_finds_the_appliance_from_its_own_configuration(appliance_a: Appliance) -> None:
+    """What the container's healthcheck runs: the listen address and the certificate come from the
+    appliance's YAML configuration, not from client flags."""
+    facility = appliance_a.facility
+    config = facility.workdir / "health.yaml"
+    config.write_text(f"listen: {appliance_a.address}\nstate_dir: {appliance_a.state_dir}\n")
+    done = facility.cli("health", "--local", "--config", config, "--timeout", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SERVING"
+
+
+def test_health_local_without_the_certificate_says_which_file_is_missing(appliance_a: Appliance) -> None:
+    facility = appliance_a.facility
+    config = facility.workdir / "health-bad.yaml"
+    config.write_text(f"listen: {appliance_a.address}\nstate_dir: {facility.workdir / 'nowhere'}\n")
+    done = facility.cli("health", "--local", "--config", config, "--timeout", "5")
+    line = assert_cli_error(done, "certificate")
+    assert "nowhere" in line
