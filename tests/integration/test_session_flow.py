@@ -15,6 +15,7 @@ from .topology import (
     PRODUCER_DEST,
     Appliance,
     Facility,
+    assert_upload_counted,
     fingerprint_of_cert,
     run_iperf_client,
     start_iperf_server,
@@ -72,6 +73,7 @@ def test_outbound_activates_both_sides_and_carries_tcp(
     assert report["end"]["sum_received"]["bits_per_second"] > 0
     assert_traffic_counted(appliance_a, producer["session_id"])
     assert_traffic_counted(appliance_b, consumer["session_id"])
+    assert_upload_counted(appliance_a, producer["session_id"], appliance_b, consumer["session_id"])
 
 
 def test_udp_session_carries_iperf3_next_to_a_tcp_session_on_the_same_entry_port(

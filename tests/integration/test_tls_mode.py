@@ -12,6 +12,7 @@ from .topology import (
     PRODUCER_DEST,
     Appliance,
     Facility,
+    assert_upload_counted,
     run_iperf_client,
     split_address,
     start_iperf_server,
@@ -65,6 +66,7 @@ def test_tls_session_carries_tcp_and_counts_it(
         return s if s["bytes_in"] > 0 and s["bytes_out"] > 0 else None
 
     wait_until(counted, 5, interval=0.2, what="producer-side counters")
+    assert_upload_counted(appliance_a, producer["session_id"], appliance_b, consumer["session_id"])
 
 
 def test_tls_udp_session_carries_iperf3_datagrams(

@@ -22,6 +22,7 @@ from .topology import (
     Facility,
     Topology,
     assert_cli_error,
+    assert_upload_counted,
     host_run,
     run_iperf_client,
     start_appliances,
@@ -80,6 +81,7 @@ def test_tcp_and_udp_iperf3_run_through_wireguard_sessions(
     assert producer["mode"] == "wireguard" and consumer["state"] == "ACTIVE"
     tcp = run_iperf_client(facility_b, entry(consumer), seconds=2)
     assert tcp["end"]["sum_received"]["bits_per_second"] > 0
+    assert_upload_counted(appliance_a, str(producer["session_id"]), appliance_b, str(consumer["session_id"]))
 
     port = entry(consumer).rsplit(":", 1)[1]
     udp_producer = appliance_a.json("inbound", "--dest", PRODUCER_DEST, *WG, "--protocol", "udp")

@@ -562,3 +562,19 @@ def assert_cli_error(done: subprocess.CompletedProcess[str], *needles: str) -> s
 def fingerprint_of_cert(path: Path) -> str:
     """SHA-256 of the DER form of a PEM certificate, as hex (what --fingerprint takes)."""
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(path.read_text())).hexdigest()
+
+
+def assert_upload_counted(
+    producer: Appliance, producer_id: str, consumer: Appliance, consumer_id: str
+) -> None:
+    """After the consumer app sent bulk data to the producer app (iperf3 -c at B): every mode counts
+    `bytes_in` as what came from the local app and `bytes_out` as what went to it, so the consumer
+    side took in more than it delivered and the producer side delivered more than it took in."""
+
+    def counted(appliance: Appliance, session_id: str, upload_side: bool) -> Any:
+        s = appliance.status(session_id)
+        big, small = (s["bytes_in"], s["bytes_out"]) if upload_side else (s["bytes_out"], s["bytes_in"])
+        return s if big > small > 0 else None
+
+    wait_until(lambda: counted(consumer, consumer_id, True), 5, 0.2, "consumer side: in > out > 0")
+    wait_until(lambda: counted(producer, producer_id, False), 5, 0.2, "producer side: out > in > 0")

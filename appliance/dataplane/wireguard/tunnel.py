@@ -111,7 +111,8 @@ class WireGuardTunnel(Tunnel):
         with contextlib.suppress(BackendError):
             stats = self._backend.stats(self.state.ifname)
             base = self._base
-            self._last = Counters(base.bytes_in + stats.rx_bytes, base.bytes_out + stats.tx_bytes)
+            # Sent to the peer is what came in from the local apps; received from it went out to them.
+            self._last = Counters(base.bytes_in + stats.tx_bytes, base.bytes_out + stats.rx_bytes)
         return self._last
 
     def peer_absent_for(self) -> float | None:
