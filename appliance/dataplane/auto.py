@@ -37,7 +37,13 @@ class _BothEndpoints(Tunnel):
         self._tls.authorize(peer_cert_pem)
 
     def mode_choice(self) -> tuple[Mode, str] | None:
+        """Which endpoint the consumer side uses, as far as this side can tell: the one carrying traffic."""
         quic, tls = self._quic.addresses[0], self._tls.addresses[0]
+        quic_used, tls_used = _carried(self._quic.counters()), _carried(self._tls.counters())
+        if tls_used and not quic_used:
+            return Mode.TLS, f"auto: the consumer side's traffic arrives at the TLS fallback, tcp {tls}"
+        if quic_used and not tls_used:
+            return Mode.QUIC, f"auto: the consumer side's traffic arrives over QUIC, udp {quic}"
         return Mode.AUTO, f"auto: QUIC at udp {quic}, TLS fallback at tcp {tls}; the consumer side chooses"
 
     async def close(self) -> None:
@@ -45,6 +51,10 @@ class _BothEndpoints(Tunnel):
             await self._quic.close()
         finally:
             await self._tls.close()
+
+
+def _carried(counters: Counters) -> bool:
+    return counters.bytes_in > 0 or counters.bytes_out > 0
 
 
 class _Chosen(Tunnel):

@@ -572,7 +572,11 @@ class SessionManager:
         if tunnel is None:
             return session
         counters = tunnel.counters()
-        return replace(session, bytes_in=counters.bytes_in, bytes_out=counters.bytes_out)
+        # Auto mode's producer side learns the mode from where the traffic arrives: shown, not stored
+        # (a restore still opens both endpoints).
+        return _with_mode_choice(
+            replace(session, bytes_in=counters.bytes_in, bytes_out=counters.bytes_out), tunnel
+        )
 
     def _driver(self, mode: Mode, *, pick: bool = False) -> Driver:
         """The driver of `mode`. With `pick` (session init), auto means the best available; elsewhere

@@ -208,8 +208,12 @@ def test_auto_mode_falls_back_to_tls_when_udp_is_blocked_and_says_why(
     status = appliance_b.status(consumer["session_id"])
     assert status["mode"] == "tls"
     assert "fell back to TLS" in status["reason"] and "QUIC" in status["reason"]
+    assert appliance_a.status(producer["session_id"])["mode"] == "auto"  # nothing arrived yet
     report = run_iperf_client(facility_b, consumer["entry_points"][0], seconds=1)
     assert report["end"]["sum_received"]["bits_per_second"] > 0
+    # The producer side learns the mode from where the traffic arrives.
+    seen = wait_until(lambda: appliance_a.status(producer["session_id"])["mode"] == "tls", 5, what="tls at A")
+    assert seen and "TLS" in appliance_a.status(producer["session_id"])["reason"]
 
 
 def test_auto_mode_uses_quic_when_udp_passes(
@@ -223,6 +227,7 @@ def test_auto_mode_uses_quic_when_udp_passes(
     assert consumer["mode"] == "quic"
     report = run_iperf_client(facility_b, consumer["entry_points"][0], seconds=1)
     assert report["end"]["sum_received"]["bits_per_second"] > 0
+    wait_until(lambda: appliance_a.status(producer["session_id"])["mode"] == "quic", 5, what="quic at A")
 
 
 def block_udp(facility: Facility) -> None:
