@@ -70,6 +70,7 @@ class TlsChannel:
         self._writes: deque[bytes | memoryview] = deque()
         self._write_size = 0
         self._writer = False
+        self._read_wants_write = False  # OpenSSL must send something before it can read on
         self._reading = False
         self._lent: bytearray | None = None  # the buffer the paused protocol still reads from
         self._holding = True
@@ -115,8 +116,11 @@ class TlsChannel:
                     eof = True
                     break
                 filled += n
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except ssl.SSLWantReadError:
             pass
+        except ssl.SSLWantWriteError:
+            self._read_wants_write = True  # read again once the socket is writable
+            self._want_writable()
         except (OSError, ValueError) as exc:
             POOL.give(buffer)
             self._lost(exc)
@@ -176,6 +180,9 @@ class TlsChannel:
             self.loop.add_writer(self.fd, self._writable)
 
     def _writable(self) -> None:
+        if self._read_wants_write:
+            self._read_wants_write = False
+            self.loop.call_soon(self._readable)
         if not self._flush():
             return
         self._writer = False

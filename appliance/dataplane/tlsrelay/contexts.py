@@ -23,6 +23,8 @@ def _base(purpose: ssl.Purpose, cert_pem: bytes, key_pem: bytes) -> ssl.SSLConte
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN])
     ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection proves its certificate
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        ctx.num_tickets = 0  # TLS 1.3 would still send (stateful) tickets after the handshake
     _load_identity(ctx, cert_pem, key_pem)
     return ctx
 
