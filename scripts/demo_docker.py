@@ -93,6 +93,7 @@ def run(demo: Demo, started: float) -> int:
         f"  compose up until both healthy  {time.perf_counter() - up_started:.1f} s",
     ]
     summary += measure_mode(demo, "quic")
+    summary += measure_mode(demo, "tls")
     why_not = mode_available(demo, "wireguard")
     if why_not is None:
         summary += measure_mode(demo, "wireguard")
