@@ -47,6 +47,16 @@ class _ClientProtocol(RelayProtocol):
     def expected_fingerprint(self) -> str | None:
         return self.client.server_fingerprint
 
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if isinstance(data, bytes) and self._quic.is_stateless_reset(data):
+            # The server forgot this connection (it restarted): end it now rather than after the
+            # idle timeout, so the client reconnects at once.
+            logger.info("relay server reset the connection (it restarted?); reconnecting")
+            self._quic.reset_by_peer(now=self._loop.time())
+            self.transmit()  # arms the timer that ends the draining period
+            return
+        super().datagram_received(data, addr)
+
     def datagram_frame_received(self, data: bytes) -> None:
         self.client.flows.from_peer(data)
 

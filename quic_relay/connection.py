@@ -9,17 +9,24 @@ each in one small function, so that an aioquic upgrade has one place to check:
   stream sender's buffer and the pending-datagram queue;
 - the stream receive window doubles whenever half of it is used, whatever the application has
   consumed, so it cannot apply backpressure; `_write_stream_limits` is replaced by a fixed
-  sliding window that stops moving while the stream's consumer is paused.
+  sliding window that stops moving while the stream's consumer is paused;
+- stateless resets (RFC 9000 §10.3) are neither sent nor recognized, so a client whose server
+  restarted waits out the idle timeout: the server's reset tokens are derived from a key that
+  survives a restart, and the client checks incoming datagrams for them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import ssl
 from typing import Any
 
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
@@ -35,6 +42,8 @@ MAX_DATAGRAM_FRAME_SIZE = 65536
 _DATAGRAM_OVERHEAD = 100
 # Pending DATAGRAM frames kept before new ones are dropped (UDP semantics: loss over delay).
 MAX_PENDING_DATAGRAMS = 1024
+RESET_TOKEN_SIZE = 16
+MIN_RESET_SIZE = 21  # RFC 9000 §10.3: 5 unpredictable bytes before the token, at least
 
 
 def make_configuration(
@@ -70,14 +79,67 @@ def max_datagram_payload(config: RelayConfig) -> int:
     return config.max_datagram_size - _DATAGRAM_OVERHEAD
 
 
-class RelayQuicConnection(QuicConnection):
-    """QuicConnection with client-certificate requests and a pausable stream receive window."""
+def reset_key_of(identity: Identity) -> bytes:
+    """The server's stateless-reset key: secret (from its private key) and the same after a restart,
+    since a restored session keeps its identity."""
+    return hmac.new(identity.key_pem, b"scistream quic stateless reset", hashlib.sha256).digest()
 
-    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+
+def reset_token(key: bytes, cid: bytes) -> bytes:
+    return hmac.new(key, cid, hashlib.sha256).digest()[:RESET_TOKEN_SIZE]
+
+
+def stateless_reset(key: bytes, cid: bytes, trigger_size: int) -> bytes | None:
+    """A stateless reset answering a `trigger_size`-byte packet for the unknown connection id `cid`;
+    None when the trigger is too small to answer with a smaller packet (which keeps two endpoints
+    from resetting each other forever, and the answer from amplifying anything)."""
+    size = min(trigger_size - 1, 41)
+    if size < MIN_RESET_SIZE:
+        return None
+    head = bytearray(os.urandom(size - RESET_TOKEN_SIZE))
+    head[0] = 0x40 | (head[0] & 0x3F)  # looks like a short-header packet
+    return bytes(head) + reset_token(key, cid)
+
+
+class RelayQuicConnection(QuicConnection):
+    """QuicConnection with client-certificate requests, a pausable stream receive window and
+    stateless resets."""
+
+    def __init__(
+        self, *, configuration: QuicConfiguration, reset_key: bytes | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(configuration=configuration, **kwargs)
         self.receive_window = configuration.max_stream_data
         # streams whose consumer (a TCP socket) has too much unsent data: their window is frozen
         self.receive_paused: set[int] = set()
+        self._reset_key = None if configuration.is_client else reset_key
+        if self._reset_key is not None:
+            first = self._host_cids[0]  # its token goes out in the transport parameters
+            first.stateless_reset_token = reset_token(self._reset_key, first.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        if self._reset_key is not None:
+            for cid in self._host_cids:
+                if not cid.was_sent:
+                    cid.stateless_reset_token = reset_token(self._reset_key, cid.cid)
+
+    def is_stateless_reset(self, data: bytes) -> bool:
+        """Whether `data` is a stateless reset from the peer: a short-header datagram ending in a token
+        the peer issued (RFC 9000 §10.3.1)."""
+        if len(data) < MIN_RESET_SIZE or data[0] & 0x80:
+            return False
+        tail = data[-RESET_TOKEN_SIZE:]
+        tokens = [c.stateless_reset_token for c in (self._peer_cid, *self._peer_cid_available)]
+        return any(token and hmac.compare_digest(tail, token) for token in tokens)
+
+    def reset_by_peer(self, now: float) -> None:
+        """Ends the connection after a stateless reset: draining, nothing more is sent (§10.3.1)."""
+        if self._close_event is None:
+            self._close_event = events.ConnectionTerminated(
+                error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase="stateless reset"
+            )
+        self._close_begin(is_initiator=False, now=now)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

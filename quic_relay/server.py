@@ -16,7 +16,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .bridge import BAD_STREAM_HEADER, DESTINATION_UNREACHABLE, StreamBridge
 from .config import RelayConfig
-from .connection import RelayQuicConnection, make_configuration
+from .connection import RelayQuicConnection, make_configuration, reset_key_of, stateless_reset
 from .counters import Counters
 from .errors import FramingError
 from .framing import StreamTracker, decode_stream_header
@@ -145,6 +145,14 @@ class _Endpoint(asyncio.DatagramProtocol):
             self.dropped += 1
             return
         protocol = self._by_cid.get(header.destination_cid)
+        if protocol is None and header.packet_type == QuicPacketType.ONE_RTT:
+            # A connection this process does not know, e.g. from before a restart: tell the client
+            # with a stateless reset, so it reconnects now instead of after its idle timeout.
+            self.dropped += 1
+            reset = stateless_reset(self.server.reset_key, header.destination_cid, len(data))
+            if reset is not None and self.transport is not None:
+                self.transport.sendto(reset, addr)
+            return
         if protocol is None:
             if (
                 header.packet_type != QuicPacketType.INITIAL
@@ -163,7 +171,9 @@ class _Endpoint(asyncio.DatagramProtocol):
     def _accept(self, original_cid: bytes) -> _ServerProtocol:
         assert self.transport is not None
         quic = RelayQuicConnection(
-            configuration=self.server.quic_config, original_destination_connection_id=original_cid
+            configuration=self.server.quic_config,
+            original_destination_connection_id=original_cid,
+            reset_key=self.server.reset_key,
         )
         protocol = _ServerProtocol(quic, self.server)
         protocol.connection_made(self.transport)
@@ -212,6 +222,7 @@ class RelayServer:
         self.quic_config: QuicConfiguration = make_configuration(
             is_client=False, identity=identity, config=config
         )
+        self.reset_key = reset_key_of(identity)
         self.allowed_fingerprint: str | None = None
         self.protocols: set[_ServerProtocol] = set()
         self._counters = Counters()

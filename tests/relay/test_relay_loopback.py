@@ -6,8 +6,10 @@ import asyncio
 import hashlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -548,3 +550,104 @@ async def test_client_reconnects_in_the_background_after_server_restart(
     assert client.peer_absent_since is None
     await client.close()
     await server.close()
+
+
+async def _server_process(
+    tmp: Path, identity: Identity, client_identity: Identity, port: int, dest: tuple[str, int]
+) -> asyncio.subprocess.Process:
+    """`python -m quic_relay server` in a process of its own, which the test can kill like a crash."""
+    files = {"cert": identity.cert_pem, "key": identity.key_pem, "peer": client_identity.cert_pem}
+    for name, pem in files.items():
+        (tmp / f"{name}.pem").write_bytes(pem)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quic_relay", "--log-level", "WARNING", "server",
+        "--listen", f"{HOST}:{port}", "--dest", f"{dest[0]}:{dest[1]}",
+        "--peer-cert", str(tmp / "peer.pem"), "--server-name", SERVER_NAME,
+        "--cert", str(tmp / "cert.pem"), "--key", str(tmp / "key.pem"),
+    )  # fmt: skip
+    return process
+
+
+async def test_a_crashed_server_restarted_resets_the_client_which_reconnects_at_once(
+    server_identity, client_identity, echo_dest, tmp_path
+) -> None:
+    """A server killed without a word and started again (a restored session) answers the old
+    connection's packets with a stateless reset: the client reconnects within seconds, not after its
+    30 s idle timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    config = RelayConfig(idle_timeout=30.0, handshake_timeout=3.0, connect_timeout=2.0)
+    first = await _server_process(tmp_path, server_identity, client_identity, port, echo_dest.address)
+    client = None
+    second = None
+    try:
+        for _ in range(100):  # until the server process listens
+            try:
+                client = await RelayClient.start(
+                    server=(HOST, port),
+                    server_name=SERVER_NAME,
+                    identity=client_identity,
+                    server_cert_pem=server_identity.cert_pem,
+                    config=config,
+                )
+                break
+            except RelayError:
+                await asyncio.sleep(0.1)
+        assert client is not None and client.connected
+        entry = await client.add_tcp_entry(HOST, 0, 0)
+
+        first.kill()  # no CONNECTION_CLOSE: the client still believes in its connection
+        await first.wait()
+        second = await _server_process(tmp_path, server_identity, client_identity, port, echo_dest.address)
+        await asyncio.sleep(1.0)  # the new process is listening
+        started = asyncio.get_running_loop().time()
+        # A new connection at the entry point sends on the old QUIC connection: the new server process
+        # answers with a stateless reset, the client reconnects, and a later connection gets through.
+        reply = b""
+        while reply != b"after" and asyncio.get_running_loop().time() - started < 15:
+            try:
+                reader, writer = await asyncio.open_connection(*entry)
+                writer.write(b"after")
+                writer.write_eof()
+                reply = await asyncio.wait_for(reader.read(-1), 3)
+                writer.close()
+            except (TimeoutError, ConnectionError):
+                pass
+            if reply != b"after":
+                await asyncio.sleep(0.2)
+        assert reply == b"after", "no connection got through within 15 s of the restart"
+        assert asyncio.get_running_loop().time() - started < 15 < config.idle_timeout
+    finally:
+        if client is not None:
+            await client.close()
+        for process in (first, second):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def test_server_reset_tokens_are_the_same_after_a_restart(server_identity) -> None:
+    """The tokens a server hands out depend only on its identity and the connection id, so a new
+    process with the same identity can reset connections of the old one."""
+    from quic_relay.connection import (
+        RelayQuicConnection,
+        make_configuration,
+        reset_key_of,
+        reset_token,
+        stateless_reset,
+    )
+
+    key = reset_key_of(server_identity)
+    assert key == reset_key_of(server_identity) and key != reset_key_of(generate_identity("other"))
+    conn = RelayQuicConnection(
+        configuration=make_configuration(is_client=False, identity=server_identity, config=CONFIG),
+        original_destination_connection_id=os.urandom(8),
+        reset_key=key,
+    )
+    first = conn._host_cids[0]
+    assert first.stateless_reset_token == reset_token(key, first.cid)
+    reset = stateless_reset(key, first.cid, 1200)
+    assert reset is not None and len(reset) < 1200 and reset.endswith(reset_token(key, first.cid))
+    assert reset[0] & 0xC0 == 0x40  # a short header
+    assert stateless_reset(key, first.cid, 21) is None  # too small to answer with a smaller packet
