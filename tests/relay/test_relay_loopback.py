@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 
 from quic_relay import Identity, RelayClient, RelayConfig, RelayError, RelayServer, generate_identity
+from quic_relay.connection import (
+    RelayQuicConnection,
+    make_configuration,
+    reset_key_of,
+    reset_token,
+    stateless_reset,
+)
 from quic_relay.framing import encode_datagram, encode_datagram_frames
 from quic_relay.reassembly import REASSEMBLY_TIMEOUT
 
@@ -630,14 +637,6 @@ async def test_a_crashed_server_restarted_resets_the_client_which_reconnects_at_
 def test_server_reset_tokens_are_the_same_after_a_restart(server_identity) -> None:
     """The tokens a server hands out depend only on its identity and the connection id, so a new
     process with the same identity can reset connections of the old one."""
-    from quic_relay.connection import (
-        RelayQuicConnection,
-        make_configuration,
-        reset_key_of,
-        reset_token,
-        stateless_reset,
-    )
-
     key = reset_key_of(server_identity)
     assert key == reset_key_of(server_identity) and key != reset_key_of(generate_identity("other"))
     conn = RelayQuicConnection(

@@ -16,10 +16,9 @@ import struct
 from dataclasses import dataclass
 
 from .channel import POOL, TlsChannel
-from .wire import END_OF_STREAM, StreamDecoder, WireError
+from .wire import END_OF_STREAM, FRAME_HEADER_SIZE, StreamDecoder, WireError, put_frame_header
 
 IOV_MAX = 1024  # pieces per sendmsg
-_LENGTH = struct.Struct("!I")
 
 
 @dataclass
@@ -89,7 +88,7 @@ class TcpPump:
         buffer = POOL.take()
         view = memoryview(buffer)
         try:
-            n = self.plain.recv_into(view[_LENGTH.size :])
+            n = self.plain.recv_into(view[FRAME_HEADER_SIZE:])
         except (BlockingIOError, InterruptedError):
             POOL.give(buffer)
             return
@@ -105,8 +104,8 @@ class TcpPump:
             self._finish_if_done()
             return
         self._counters.bytes_in += n
-        _LENGTH.pack_into(buffer, 0, n)
-        channel.write(view[: _LENGTH.size + n])
+        put_frame_header(buffer, n)  # READ_SIZE is below MAX_FRAME: never raises here
+        channel.write(view[: FRAME_HEADER_SIZE + n])
         if channel.write_buffer_size:
             self._up = buffer  # OpenSSL still reads from it: no more plain data until it drains
             self._stop_plain()

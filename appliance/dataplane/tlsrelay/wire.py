@@ -68,6 +68,17 @@ def decode_header(data: bytes | bytearray) -> tuple[Header, int] | None:
     return Header(kind, dest_index), end
 
 
+FRAME_HEADER_SIZE = _LENGTH.size
+
+
+def put_frame_header(buffer: bytearray, payload_size: int) -> None:
+    """Writes the length prefix of a frame whose payload already sits at `buffer[FRAME_HEADER_SIZE:]`,
+    so header and payload leave in one write without a copy."""
+    if payload_size > MAX_FRAME:
+        raise WireError(f"frame of {payload_size} bytes exceeds {MAX_FRAME}")
+    _LENGTH.pack_into(buffer, 0, payload_size)
+
+
 def frame_chunks(data: bytes) -> list[bytes | memoryview]:
     """The frames carrying `data` (length prefix, payload, ...) as pieces for `writelines`."""
     if len(data) <= MAX_FRAME:
