@@ -21,15 +21,30 @@ Address = tuple[Any, ...]
 SendFrames = Callable[[list[bytes]], object]  # queues the DATAGRAM frames of one UDP datagram
 _MAX_QUEUED_BEFORE_CONNECT = 64  # datagrams kept while a producer-side flow socket is created
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+SO_SNDBUFFORCE = 32  # Linux: like SO_SNDBUF but past net.core.wmem_max, for holders of CAP_NET_ADMIN
+SO_RCVBUFFORCE = 33
+
+
+def raise_buffers(sock: socket.socket, size: int, *, send: bool = False) -> None:
+    """Sets the socket's receive buffer (and its send buffer) to `size`. UDP has no autotuning, and a
+    burst that finds the buffer full while the event loop is busy is dropped. Forced where the process
+    holds CAP_NET_ADMIN (the appliance does), so a host's low net.core.rmem_max (208 KiB by default)
+    does not cap it; without the capability, as far as that limit allows."""
+    options = [(SO_RCVBUFFORCE, socket.SO_RCVBUF)]
+    if send:
+        options.append((SO_SNDBUFFORCE, socket.SO_SNDBUF))
+    for forced, capped in options:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, capped, size)
 
 
 def enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
-    """Ask for a larger socket receive buffer (Linux caps it at net.core.rmem_max): a burst of
-    packets then waits in the kernel, rather than being dropped, while the event loop is busy."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        raise_buffers(sock, UDP_RECEIVE_BUFFER)
 
 
 class IdleSweeper:

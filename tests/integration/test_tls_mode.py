@@ -3,10 +3,13 @@ and restart leaving nothing behind, and auto mode falling back to TLS when UDP i
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 import pytest
+
+from appliance.dataplane.tlsrelay import udp as tlsudp
 
 from .topology import (
     PRODUCER_DEST,
@@ -83,6 +86,17 @@ def test_tls_udp_session_carries_iperf3_datagrams(
     report = run_iperf_client(facility_b, data["entry_points"][0], seconds=2, udp=True, length=1200)
 
     assert report["end"]["sum_received"]["bytes"] > 0
+    # Both relay sockets got their full buffers (the kernel reports twice the size set).
+    entry = udp_buffers(facility_b, "sport = :5110")
+    flow = udp_buffers(facility_a, f"dport = :{split_address(PRODUCER_DEST)[1]}")
+    assert entry and flow
+    assert min(entry + flow) >= 2 * tlsudp.SOCKET_BUFFER, (entry, flow)
+
+
+def udp_buffers(facility: Facility, where: str) -> list[int]:
+    """Receive and send buffer sizes (`ss` rb and tb) of the UDP sockets matching the `ss` filter."""
+    out = facility.run("ss", "-H", "-uamn", where).stdout
+    return [int(size) for size in re.findall(r"\b[rt]b(\d+)", out)]
 
 
 ECHO_SERVER = f"""

@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from . import contexts
 from .wire import ALPN
@@ -109,9 +109,13 @@ class TlsChannel:
         buffer = POOL.take()
         view = memoryview(buffer)
         filled, eof = 0, False
+        # SSLSocket.read rather than recv_into: one record per call (16 KiB at most), and recv_into's
+        # extra layer measured 7 % more CPU for this loop. Given a buffer it returns the count
+        # (typeshed says bytes).
+        read = cast("Callable[[int, memoryview], int]", self.sock.read)
         try:
             while filled < READ_SIZE:
-                n = self.sock.recv_into(view[filled:])
+                n = read(READ_SIZE - filled, view[filled:])
                 if n == 0:
                     eof = True
                     break

@@ -4,12 +4,10 @@ producer side, idle flows forgotten on both sides."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from quic_relay.udp import IdleSweeper
+from quic_relay.udp import IdleSweeper, raise_buffers
 
 from .channel import TlsChannel
 from .relay import Counters
@@ -21,12 +19,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 def tune(transport: asyncio.BaseTransport) -> None:
-    """UDP has no buffer autotuning: raised, so bursts are not dropped by the kernel."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        raise_buffers(sock, SOCKET_BUFFER, send=True)
 
 
 class Batch:

@@ -16,10 +16,10 @@ import errno
 import os
 import socket
 
+from quic_relay.udp import SO_RCVBUFFORCE, SO_SNDBUFFORCE
+
 SOCKET_BUFFER = 7 << 20  # what newer wireguard-go sets (socketBufferSize)
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture (syscalls added since Linux 5.1 are)
-_SO_SNDBUFFORCE = 32  # beyond net.core.wmem_max; needs CAP_NET_ADMIN
-_SO_RCVBUFFORCE = 33
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -55,6 +55,6 @@ def _widen_one(pidfd: int, target_fd: int, size: int) -> bool:
     with socket.socket(fileno=dup) as sock:  # closes the duplicate only
         if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return False
-        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
-        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
     return True
