@@ -23,6 +23,7 @@ from tests.integration.topology import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -31,12 +32,13 @@ class Figure:
 
     values: list[float] = field(default_factory=list)
     note: str = ""
+    digits: int = 0
 
     def __str__(self) -> str:
         if not self.values:
             return self.note or "n/a"
-        median = statistics.median(self.values)
-        return f"{median:,.0f} ({min(self.values):,.0f}-{max(self.values):,.0f})"
+        median, d = statistics.median(self.values), self.digits
+        return f"{median:,.{d}f} ({min(self.values):,.{d}f}-{max(self.values):,.{d}f})"
 
     @property
     def median(self) -> float:
@@ -49,6 +51,7 @@ class PathResult:
     label: str
     tcp1: Figure = field(default_factory=Figure)
     cpu1: Figure = field(default_factory=Figure)  # machine CPU busy during the one-stream runs, %
+    cost1: Figure = field(default_factory=lambda: Figure(digits=2))  # path processes' CPU s per GB
     tcp4: Figure = field(default_factory=Figure)
     udp: Figure = field(default_factory=Figure)
     udp_loss: Figure = field(default_factory=Figure)
@@ -60,6 +63,12 @@ class PathResult:
         ordered = sorted(self.setup)
         p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
         return f"{statistics.median(ordered) * 1000:.0f} / {p95 * 1000:.0f}"
+
+
+def _bytes(report: dict[str, object], key: str) -> float:
+    end = report["end"]
+    assert isinstance(end, dict)
+    return float(end[key]["bytes"])
 
 
 def _mbits(report: dict[str, object], key: str) -> float:
@@ -76,16 +85,39 @@ def cpu_times() -> tuple[int, int]:
     return total - fields[3] - fields[4], total  # idle and iowait are not busy
 
 
+def path_cpu_seconds(facilities: tuple[Facility, ...]) -> dict[int, float]:
+    """CPU seconds used so far by each process in the facilities' namespaces other than iperf3: the
+    path's own processes (relays, stunnel, wireguard-go, the appliances)."""
+    found: dict[int, float] = {}
+    for facility in facilities:
+        for pid in facility.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # exited meanwhile
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if name != "iperf3":
+                found[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return found
+
+
 def measure_throughput(
-    consumer: Facility, target: Target, result: PathResult, args: argparse.Namespace
+    facilities: tuple[Facility, Facility], target: Target, result: PathResult, args: argparse.Namespace
 ) -> None:
+    consumer = facilities[1]
     entry = f"{target.host}:{target.port}"
     for _ in range(args.runs):
         busy0, total0 = cpu_times()
+        used0 = path_cpu_seconds(facilities)
         tcp1 = run_iperf_client(consumer, entry, seconds=args.seconds, timeout=args.seconds + 60)
+        used1 = path_cpu_seconds(facilities)
         busy1, total1 = cpu_times()
         result.tcp1.values.append(_mbits(tcp1, "sum_received"))
         result.cpu1.values.append(100 * (busy1 - busy0) / max(1, total1 - total0))
+        received = _bytes(tcp1, "sum_received") / 1e9
+        used = sum(used1[pid] - used0[pid] for pid in used1.keys() & used0.keys())
+        result.cost1.values.append(used / received if received else 0.0)
         tcp4 = run_iperf_client(consumer, entry, seconds=args.seconds, timeout=args.seconds + 60, streams=4)
         result.tcp4.values.append(_mbits(tcp4, "sum_received"))
         if target.udp:
@@ -132,7 +164,7 @@ def run_path(name: str, args: argparse.Namespace) -> PathResult:
             topology.a.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
             topology.a.wait_listening("tcp", IPERF_PORT)
             target = path.start(topology)
-            measure_throughput(topology.b, target, result, args)
+            measure_throughput(topology.facilities, target, result, args)
             measure_setup(path, topology.b, result, args.setup_sessions)
         finally:
             path.stop()
@@ -142,18 +174,20 @@ def run_path(name: str, args: argparse.Namespace) -> PathResult:
 
 def table(results: list[PathResult], args: argparse.Namespace) -> str:
     head = (
-        "| path | TCP 1 stream, Mbit/s | CPU busy during it, % | TCP 4 streams, Mbit/s | "
+        "| path | TCP 1 stream, Mbit/s | CPU busy during it, % | path's CPU, s per GB | "
+        "TCP 4 streams, Mbit/s | "
         f"UDP {args.udp_rate} offered ({args.udp_length} B), Mbit/s received | UDP loss, % | "
         f"setup p50 / p95, ms ({args.setup_sessions} sessions) |"
     )
-    rows = [head, "|---|---|---|---|---|---|---|"]
+    rows = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
         loss = (
             f"{r.udp_loss.median:.2f} ({min(r.udp_loss.values):.2f}-{max(r.udp_loss.values):.2f})"
             if r.udp_loss.values
             else str(r.udp_loss)
         )
-        rows.append(f"| {r.label} | {r.tcp1} | {r.cpu1} | {r.tcp4} | {r.udp} | {loss} | {r.setup_text()} |")
+        cells = [r.label, r.tcp1, r.cpu1, r.cost1, r.tcp4, r.udp, loss, r.setup_text()]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
 
 
@@ -168,7 +202,10 @@ def write_report(results: list[PathResult], args: argparse.Namespace) -> Path:
             f"{when} on {platform.node()} ({os.cpu_count()} cores, Linux {platform.release()}).",
             f"Command: `scripts/bench {' '.join(sys.argv[1:])}`. Each figure: median (min-max) of "
             f"{args.runs} runs of {args.seconds} s iperf3 between two namespaces joined by a veth pair; "
-            "CPU busy: all cores of the machine together while the one-stream runs ran.",
+            "CPU busy: all cores of the machine together while the one-stream runs ran. Path's CPU: CPU "
+            "seconds the path's own processes (relays, stunnel, wireguard-go; not iperf3) used per GB "
+            "received in the one-stream runs, kernel work done on their behalf included: what a byte "
+            "costs, which drifts less than throughput on a shared machine.",
             "",
             table(results, args),
             "",
