@@ -95,6 +95,7 @@ def _local_target(config_file: Path | None, timeout: float) -> Target:
     loopback), plaintext with --insecure, else its control certificate pinned by fingerprint (which does
     not depend on the names the certificate was issued for)."""
     from appliance.config import load_settings
+    from appliance.control.tls import default_cert_files
     from quic_relay import fingerprint_of
 
     settings = load_settings(config_file)
@@ -103,7 +104,7 @@ def _local_target(config_file: Path | None, timeout: float) -> Target:
     server = str(Address(host, listen.port))
     if settings.insecure:
         return Target(server, Trust(insecure=True), None, timeout)
-    cert = settings.tls_cert or settings.state_dir / "tls" / "control.crt"
+    cert = settings.tls_cert or default_cert_files(settings.state_dir)[0]
     try:
         fingerprint = fingerprint_of(cert.read_bytes())
     except (OSError, ValueError) as exc:

@@ -32,6 +32,12 @@ class ControlCertificate:
     fingerprint: str
 
 
+def default_cert_files(state_dir: Path) -> tuple[Path, Path]:
+    """Where the appliance keeps the control certificate and key it creates itself."""
+    tls_dir = state_dir / "tls"
+    return tls_dir / "control.crt", tls_dir / "control.key"
+
+
 def ensure_certificate(
     state_dir: Path, hosts: list[str], cert_file: Path | None = None, key_file: Path | None = None
 ) -> ControlCertificate:
@@ -40,10 +46,9 @@ def ensure_certificate(
         if not (cert_file and key_file and cert_file.is_file() and key_file.is_file()):
             raise InvalidArgument("--tls-cert and --tls-key must both name existing files")
         return ControlCertificate(cert_file, key_file, fingerprint_of(cert_file.read_bytes()))
-    tls_dir = state_dir / "tls"
-    cert_file, key_file = tls_dir / "control.crt", tls_dir / "control.key"
+    cert_file, key_file = default_cert_files(state_dir)
     if not (cert_file.is_file() and key_file.is_file()):
-        tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1", "::1"]))
         # A unique subject: clients may trust several appliances' certificates from one CA file, and
         # OpenSSL picks the trust anchor by subject name.
