@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .client import RelayClient
+from .config import RelayConfig
 from .errors import RelayError
 from .identity import Identity, generate_identity
 from .server import RelayServer
@@ -38,6 +39,10 @@ def parse_entry(text: str) -> tuple[str, int, int]:
 
 def parse_destinations(text: str) -> list[tuple[str, int]]:
     return [parse_address(item) for item in text.split(",") if item]
+
+
+def relay_config(args: argparse.Namespace) -> RelayConfig:
+    return RelayConfig(max_datagram_size=args.max_packet_size, gso=not args.no_gso, gro=not args.no_gro)
 
 
 def load_identity(cert: Path, key: Path) -> Identity:
@@ -69,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (server, client):
         sub.add_argument("--cert", type=Path, required=True)
         sub.add_argument("--key", type=Path, required=True)
+        sub.add_argument(
+            "--max-packet-size",
+            type=int,
+            default=RelayConfig.max_datagram_size,
+            help="cap of path MTU discovery (UDP payload bytes); 1200 turns it off",
+        )
+        sub.add_argument("--no-gso", action="store_true", help="send one datagram per system call")
+        sub.add_argument("--no-gro", action="store_true", help="receive without UDP_GRO")
 
     gen = commands.add_parser("gen-identity", help="write a self-signed EC P-256 certificate and key")
     gen.add_argument("--out-cert", type=Path, required=True)
@@ -104,6 +117,7 @@ async def run_server(args: argparse.Namespace) -> None:
         identity=load_identity(args.cert, args.key),
         server_name=args.server_name,
         destinations=args.dest,
+        config=relay_config(args),
     )
     server.authorize(args.peer_cert.read_bytes())
     try:
@@ -118,6 +132,7 @@ async def run_client(args: argparse.Namespace) -> None:
         server_name=args.server_name,
         identity=load_identity(args.cert, args.key),
         server_cert_pem=args.server_cert.read_bytes(),
+        config=relay_config(args),
     )
     try:
         for host, port, index in args.tcp_entry:

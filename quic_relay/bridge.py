@@ -44,6 +44,7 @@ class StreamBridge(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._on_connected = on_connected
         self._early: list[bytes] = []  # stream data that arrived before the TCP socket was up
+        self._out: list[bytes] = []  # stream data of this batch of packets, written once after it
         self._early_fin = False
         self._app_eof = False  # EOF read from the TCP app, FIN sent on the stream
         self._peer_fin = False  # FIN received on the stream, EOF written to the TCP app
@@ -131,14 +132,25 @@ class StreamBridge(asyncio.Protocol):
             self._early.append(data)
             self._early_fin = self._early_fin or end_stream
             return
-        if data:
-            self._write_to_app(data)
+        if data and not self._done:
+            # One TCP send per batch of QUIC packets, not one per packet: the link calls
+            # flush_to_app() when the batch is done.
+            if not self._out and self.link is not None:
+                self.link.flush_later(self)
+            self._out.append(data)
         if end_stream:
             self._end_to_app()
+
+    def flush_to_app(self) -> None:
+        """Write what the last batch of packets carried to the TCP app."""
+        out, self._out = self._out, []
+        if out:
+            self._write_to_app(out[0] if len(out) == 1 else b"".join(out))
 
     def abort(self) -> None:
         """The stream was reset, the peer sent STOP_SENDING, or the QUIC connection ended."""
         self._aborted = True
+        self._out.clear()
         if self.transport is not None:
             self.transport.abort()
 
@@ -157,6 +169,7 @@ class StreamBridge(asyncio.Protocol):
         assert self.transport is not None
         if self._done or self._peer_fin:
             return
+        self.flush_to_app()
         self._peer_fin = True
         if self.transport.can_write_eof():
             self.transport.write_eof()  # asyncio shuts down writing once its buffer is flushed

@@ -16,7 +16,8 @@ from .errors import RelayError
 from .framing import encode_stream_header
 from .identity import Identity, fingerprint_of
 from .protocol import RelayProtocol
-from .udp import ClientFlowTable, UdpEntry, enlarge_receive_buffer
+from .udp import UDP_RECEIVE_BUFFER, ClientFlowTable, UdpEntry, raise_buffers
+from .udpio import DatagramSocket, open_socket
 
 logger = logging.getLogger("quic_relay")
 
@@ -47,18 +48,22 @@ class _ClientProtocol(RelayProtocol):
     def expected_fingerprint(self) -> str | None:
         return self.client.server_fingerprint
 
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        if isinstance(data, bytes) and self._quic.is_stateless_reset(data):
+    def receive(self, data: bytes, addr: Any) -> None:
+        if self._quic.is_stateless_reset(data):
             # The server forgot this connection (it restarted): end it now rather than after the
             # idle timeout, so the client reconnects at once.
             logger.info("relay server reset the connection (it restarted?); reconnecting")
             self._quic.reset_by_peer(now=self._loop.time())
-            self.transmit()  # arms the timer that ends the draining period
-            return
-        super().datagram_received(data, addr)
+            return  # the batch's transmit() arms the timer that ends the draining period
+        super().receive(data, addr)
 
     def datagram_frame_received(self, data: bytes) -> None:
         self.client.flows.from_peer(data)
+
+    def packet_size_changed(self, size: int) -> None:
+        super().packet_size_changed(size)
+        if self.client.current_protocol is self:
+            self.client.flows.codec.max_frame = max_datagram_payload(size)
 
     def stop_keepalive(self) -> None:
         if self._keepalive is not None:
@@ -100,7 +105,10 @@ class RelayClient:
         )
         self._counters = Counters()
         self.flows = ClientFlowTable(
-            self._counters, config.udp_flow_idle_timeout, max_datagram_payload(config), self._send_datagram
+            self._counters,
+            config.udp_flow_idle_timeout,
+            max_datagram_payload(config.min_datagram_size),
+            self._send_datagram,
         )
         self._protocol: _ClientProtocol | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -148,10 +156,13 @@ class RelayClient:
         family, addr = infos[0][0], infos[0][4]
         local: tuple[str, int] = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = RelayQuicConnection(configuration=self.quic_config)
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _ClientProtocol(quic, self), local_addr=local
+        protocol = _ClientProtocol(quic, self)
+        sock = open_socket(local, family)
+        raise_buffers(sock, UDP_RECEIVE_BUFFER, send=True)
+        transport = DatagramSocket(
+            sock, protocol.receive, protocol.transmit, gso=self.config.gso, gro=self.config.gro
         )
-        enlarge_receive_buffer(transport)
+        protocol.connection_made(transport)
         try:
             await asyncio.wait_for(self._handshake(protocol, addr), self.config.handshake_timeout)
         except (ConnectionError, TimeoutError, RelayError) as exc:
@@ -164,6 +175,7 @@ class RelayClient:
             transport.close()
             raise
         self._protocol, self._transport = protocol, transport
+        self.flows.codec.max_frame = max_datagram_payload(protocol.packet_size)
         self._absent_since = None
         self._retry_delay = RECONNECT_FIRST_DELAY
         # The new server connection numbers its fragments afresh: never mix them with old ones.
@@ -184,6 +196,15 @@ class RelayClient:
     @property
     def counters(self) -> Counters:
         return self._counters
+
+    @property
+    def current_protocol(self) -> _ClientProtocol | None:
+        return self._protocol
+
+    @property
+    def packet_size(self) -> int | None:
+        """Size of the QUIC packets sent now; None while not connected."""
+        return self._protocol.packet_size if self.connected and self._protocol is not None else None
 
     @property
     def connected(self) -> bool:

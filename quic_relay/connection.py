@@ -12,7 +12,11 @@ each in one small function, so that an aioquic upgrade has one place to check:
   sliding window that stops moving while the stream's consumer is paused;
 - stateless resets (RFC 9000 §10.3) are neither sent nor recognized, so a client whose server
   restarted waits out the idle timeout: the server's reset tokens are derived from a key that
-  survives a restart, and the client checks incoming datagrams for them.
+  survives a restart, and the client checks incoming datagrams for them;
+- packets have one fixed size and there is no path MTU discovery, while aioquic's cost is per
+  packet: the connection sends padded PING probes of the sizes `PathMtuSearch` (pmtu.py) asks
+  for, outside the congestion window, and moves the packet size of the builder, the congestion
+  controller and the pacer to the largest size the peer acknowledged.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ import os
 import ssl
 from typing import Any
 
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.connection import (
+    END_STATES,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+)
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
@@ -35,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .config import RelayConfig
 from .identity import Identity
+from .pmtu import PathMtuSearch
 
 MAX_DATAGRAM_FRAME_SIZE = 65536
 # Room left in a QUIC packet for header, AEAD tag, ACK and DATAGRAM framing; a DATAGRAM frame
@@ -60,7 +71,7 @@ def make_configuration(
         alpn_protocols=[config.alpn],
         idle_timeout=config.idle_timeout,
         max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-        max_datagram_size=config.max_datagram_size,
+        max_datagram_size=config.min_datagram_size,
         max_stream_data=config.max_stream_buffer,
         max_data=4 * config.max_stream_buffer,
         server_name=server_name,
@@ -74,9 +85,9 @@ def make_configuration(
     return quic_config
 
 
-def max_datagram_payload(config: RelayConfig) -> int:
-    """Largest DATAGRAM frame payload (relay header included) that always fits in one packet."""
-    return config.max_datagram_size - _DATAGRAM_OVERHEAD
+def max_datagram_payload(packet_size: int) -> int:
+    """Largest DATAGRAM frame payload (relay header included) that fits in one packet of this size."""
+    return packet_size - _DATAGRAM_OVERHEAD
 
 
 def reset_key_of(identity: Identity) -> bytes:
@@ -116,6 +127,105 @@ class RelayQuicConnection(QuicConnection):
         if self._reset_key is not None:
             first = self._host_cids[0]  # its token goes out in the transport parameters
             first.stateless_reset_token = reset_token(self._reset_key, first.cid)
+        # set by the protocol once the handshake is done and the route MTU known
+        self.path_mtu: PathMtuSearch | None = None
+        self.dropped_on_shrink = 0
+
+    # path MTU discovery
+
+    @property
+    def peer_address(self) -> NetworkAddress | None:
+        return self._network_paths[0].addr if self._network_paths else None
+
+    @property
+    def packet_size(self) -> int:
+        """Size of the packets sent now (UDP payload)."""
+        return self._max_datagram_size
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        datagrams = super().datagrams_to_send(now)
+        search = self.path_mtu
+        if search is not None and self._handshake_confirmed and self._state not in END_STATES:
+            size = search.next_probe(now)
+            if size is not None:
+                datagrams += self._mtu_probe(size, now)
+        return datagrams
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        search = self.path_mtu
+        # Two probe timeouts in a row while sending packets larger than the base: those packets are
+        # vanishing (RFC 8899 §4.3, black hole). Go back to the base size, which every path carries.
+        if search is not None and self._loss._pto_count >= 2 and search.current > search.base:
+            search.black_hole(now)
+            self._use_packet_size(search.current)
+
+    def acknowledge_now(self, now: float) -> None:
+        """Let the next `datagrams_to_send` carry the pending 1-RTT ACK instead of waiting for
+        aioquic's 1 ms delayed-ACK timer: the relay calls it after a batch of two or more packets
+        (RFC 9000 §13.2.2 asks for an ACK after every second one), so there is one ACK per batch."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
+
+    def _mtu_probe(self, size: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """One PING padded to `size` bytes, its loss not counted as congestion (RFC 8899 §4.4)."""
+        crypto = self._cryptos[tls.Epoch.ONE_RTT]
+        if not crypto.send.is_valid() or self._version is None:
+            return []
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        builder.start_frame(
+            QuicFrameType.PING, capacity=1, handler=self._on_mtu_probe_delivery, handler_args=(size,)
+        )
+        builder._datagram_needs_padding = True  # pads the 1-RTT packet to the datagram's size
+        datagrams, packets = builder.flush()
+        self._packet_number = builder.packet_number
+        for packet in packets:
+            packet.sent_time = now
+            packet.in_flight = False
+            self._loss.on_packet_sent(packet=packet, space=self._spaces[packet.epoch])
+        addr = self._network_paths[0].addr
+        return [(datagram, addr) for datagram in datagrams]
+
+    def _on_mtu_probe_delivery(self, delivery: QuicDeliveryState, size: int) -> None:
+        search = self.path_mtu
+        if search is None:
+            return
+        if delivery == QuicDeliveryState.ACKED:
+            search.probe_acknowledged(size)
+            if search.current > self._max_datagram_size:
+                self._use_packet_size(search.current)
+        else:
+            search.probe_lost(size)
+
+    def _use_packet_size(self, size: int) -> None:
+        """Packets from now on are `size` bytes: the builder, congestion control and pacer agree."""
+        self._max_datagram_size = size
+        loss = self._loss
+        loss._pacer._max_datagram_size = size
+        cc: Any = loss._cc
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):  # cubic's Reno-friendly growth
+            cc.additive_increase_factor = size
+        limit = max_datagram_payload(size)
+        pending = self._datagrams_pending
+        if any(len(frame) > limit for frame in pending):
+            # frames queued for the larger size would never fit a packet again (UDP: lose them)
+            kept = [frame for frame in pending if len(frame) <= limit]
+            self.dropped_on_shrink += len(pending) - len(kept)
+            pending.clear()
+            pending.extend(kept)
 
     def _replenish_connection_ids(self) -> None:
         super()._replenish_connection_ids()

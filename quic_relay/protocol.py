@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
+from aioquic.quic.connection import NetworkAddress
 
 from .bridge import StreamBridge
 from .config import RelayConfig
@@ -21,6 +22,8 @@ from .connection import (
     stream_buffered,
 )
 from .counters import Counters
+from .pmtu import PathMtuSearch, packet_size_for_mtu
+from .udpio import DatagramSocket, route_mtu
 
 logger = logging.getLogger("quic_relay")
 
@@ -53,7 +56,9 @@ class RelayProtocol(QuicConnectionProtocol):
         self.close_reason = ""
         self._bridges: dict[int, StreamBridge] = {}
         self._send_watch: dict[int, StreamBridge] = {}
-        self._max_datagram = max_datagram_payload(config)
+        self.packet_size = quic.packet_size
+        self._batch_size = 0  # datagrams received since the last transmit
+        self._app_writes: list[StreamBridge] = []  # bridges holding stream data for their app
 
     # pinning
 
@@ -70,10 +75,29 @@ class RelayProtocol(QuicConnectionProtocol):
         actual = self.peer_fingerprint()
         if expected is not None and actual == expected:
             self.authenticated = True
+            self._start_path_mtu_search()
             return
         self.close_reason = "peer certificate not authorized" if actual else "peer sent no certificate"
         logger.warning("refusing QUIC peer: %s (fingerprint %s)", self.close_reason, actual)
         self.close(error_code=CONNECTION_UNAUTHORIZED, reason_phrase=self.close_reason)
+
+    # packet size
+
+    def _start_path_mtu_search(self) -> None:
+        """Probe for larger packets, up to what the kernel's route to the peer allows."""
+        base, cap = self.config.min_datagram_size, self.config.max_datagram_size
+        if cap <= base or self._transport is None:
+            return
+        sock = self._transport.get_extra_info("socket")
+        peer = self._quic.peer_address
+        mtu = route_mtu(sock.family, peer) if sock is not None and peer is not None else None
+        ceiling = min(cap, packet_size_for_mtu(mtu)) if mtu is not None else base
+        if ceiling > base:
+            self._quic.path_mtu = PathMtuSearch(base=base, ceiling=ceiling)
+
+    def packet_size_changed(self, size: int) -> None:
+        """Packets are `size` bytes from now on (path MTU discovery or a black hole)."""
+        logger.info("QUIC packet size now %d bytes", size)
 
     # events
 
@@ -141,6 +165,12 @@ class RelayProtocol(QuicConnectionProtocol):
             return
         self._transmit_soon()
 
+    def flush_later(self, bridge: StreamBridge) -> None:
+        """`bridge` has stream data for its app: flush it at the next transmit (end of the batch)."""
+        if not self._app_writes:
+            self._transmit_soon()  # in case no batch is running (a timer, a direct call)
+        self._app_writes.append(bridge)
+
     def stream_abort(self, stream_id: int, error_code: int) -> None:
         """Reset our sending half and ask the peer to stop sending."""
         if self.terminated:
@@ -165,9 +195,29 @@ class RelayProtocol(QuicConnectionProtocol):
             self._quic.receive_paused.discard(stream_id)
             self._transmit_soon()
 
+    def receive(self, data: bytes, addr: NetworkAddress) -> None:
+        """One datagram of a batch (udpio.DatagramSocket): processed now, answered by the
+        `transmit()` after the whole batch, so ACKs and data go out once per wake-up."""
+        self._quic.receive_datagram(data, addr, now=self._loop.time())
+        self._batch_size += 1
+        self._process_events()
+
     def transmit(self) -> None:
-        # Called after every received datagram and timer: acknowledgements free send buffers.
+        # Called after every batch of received datagrams and timer: acknowledgements free send
+        # buffers.
+        writes, self._app_writes = self._app_writes, []
+        for bridge in writes:
+            bridge.flush_to_app()
+        if self._batch_size > 1:
+            self._quic.acknowledge_now(self._loop.time())
+        self._batch_size = 0
         super().transmit()
+        transport = self._transport
+        if isinstance(transport, DatagramSocket):
+            transport.flush()
+        if self._quic.packet_size != self.packet_size:
+            self.packet_size = self._quic.packet_size
+            self.packet_size_changed(self.packet_size)
         if not self._send_watch:
             return
         low = self.config.max_stream_buffer // 2
@@ -186,7 +236,7 @@ class RelayProtocol(QuicConnectionProtocol):
         """
         if (
             self.terminated
-            or any(len(frame) > self._max_datagram for frame in frames)
+            or any(len(frame) > max_datagram_payload(self.packet_size) for frame in frames)
             or pending_datagrams(self._quic) + len(frames) > MAX_PENDING_DATAGRAMS
         ):
             self.counters.dropped_datagrams += 1

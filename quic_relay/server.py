@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without __all__
 from aioquic.quic import events
@@ -16,13 +17,20 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from .bridge import BAD_STREAM_HEADER, DESTINATION_UNREACHABLE, StreamBridge
 from .config import RelayConfig
-from .connection import RelayQuicConnection, make_configuration, reset_key_of, stateless_reset
+from .connection import (
+    RelayQuicConnection,
+    make_configuration,
+    max_datagram_payload,
+    reset_key_of,
+    stateless_reset,
+)
 from .counters import Counters
 from .errors import FramingError
 from .framing import StreamTracker, decode_stream_header
 from .identity import Identity, fingerprint_of
 from .protocol import CONNECTION_UNAUTHORIZED, RelayProtocol
-from .udp import ServerFlowTable, enlarge_receive_buffer
+from .udp import UDP_RECEIVE_BUFFER, ServerFlowTable, raise_buffers
+from .udpio import DatagramSocket, open_socket
 
 logger = logging.getLogger("quic_relay")
 
@@ -42,7 +50,7 @@ class _ServerProtocol(RelayProtocol):
             server.destinations,
             server.counters,
             server.config.udp_flow_idle_timeout,
-            self._max_datagram,
+            max_datagram_payload(self.packet_size),
             self.send_datagrams,
         )
 
@@ -108,6 +116,10 @@ class _ServerProtocol(RelayProtocol):
     def datagram_frame_received(self, data: bytes) -> None:
         self._flows.from_peer(data)
 
+    def packet_size_changed(self, size: int) -> None:
+        super().packet_size_changed(size)
+        self._flows.codec.max_frame = max_datagram_payload(size)
+
     def shutdown(self) -> None:
         """Drop every stream, flow and pending connect of this connection."""
         for task in list(self._connects):
@@ -120,24 +132,25 @@ class _ServerProtocol(RelayProtocol):
         self.server.forget(self)
 
 
-class _Endpoint(asyncio.DatagramProtocol):
+class _Endpoint:
     """The server's UDP socket: routes QUIC packets to connections by connection id.
 
-    aioquic's own `serve()` cannot be used because it always builds a plain QuicConnection.
+    aioquic's own `serve()` cannot be used because it always builds a plain QuicConnection. Each
+    connection that received packets in one wake-up of the socket transmits once, after all of them.
     """
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: DatagramSocket | None = None
         self.dropped = 0  # packets that are not QUIC or belong to no connection
         self._by_cid: dict[bytes, _ServerProtocol] = {}
+        self._touched: set[_ServerProtocol] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio's selector datagram transport does not subclass DatagramTransport
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        enlarge_receive_buffer(transport)
+    def open(self, sock: socket.socket) -> None:
+        config = self.server.config
+        self.transport = DatagramSocket(sock, self.receive, self.received_all, gso=config.gso, gro=config.gro)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def receive(self, data: bytes, addr: Any) -> None:
         config = self.server.quic_config
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=config.connection_id_length)
@@ -164,9 +177,17 @@ class _Endpoint(asyncio.DatagramProtocol):
                 return
             protocol = self._accept(header.destination_cid)
         try:
-            protocol.datagram_received(data, addr)
+            protocol.receive(data, addr)
         except Exception:  # one bad packet must never take the endpoint down
             logger.exception("error handling a QUIC packet from %s", addr)
+        self._touched.add(protocol)
+
+    def received_all(self) -> None:
+        touched, self._touched = self._touched, set()
+        for protocol in touched:
+            protocol.transmit()
+        if self.transport is not None:
+            self.transport.flush()  # stateless resets
 
     def _accept(self, original_cid: bytes) -> _ServerProtocol:
         assert self.transport is not None
@@ -249,7 +270,11 @@ class RelayServer:
             config=config or RelayConfig(),
         )
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: server._endpoint, local_addr=(host, port))
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        family, local = infos[0][0], infos[0][4]
+        sock = open_socket(local, family)
+        raise_buffers(sock, UDP_RECEIVE_BUFFER, send=True)
+        server._endpoint.open(sock)
         logger.info("relay server listening on %s:%d", *server.local_address)
         return server
 
@@ -274,6 +299,12 @@ class RelayServer:
     @property
     def counters(self) -> Counters:
         return self._counters
+
+    @property
+    def packet_size(self) -> int | None:
+        """Size of the QUIC packets sent to the authorized client now; None without a connection."""
+        sizes = [p.packet_size for p in self.protocols if p.authenticated and not p.terminated]
+        return max(sizes) if sizes else None
 
     @property
     def peer_absent_since(self) -> float | None:

@@ -75,7 +75,7 @@ class DatagramCodec:
 
     def __init__(self, counters: Counters, max_frame: int, send: SendFrames) -> None:
         self._counters = counters
-        self._max_frame = max_frame
+        self.max_frame = max_frame  # follows the connection's packet size
         self._send = send
         self._next_seq: dict[int, int] = {}  # flow id -> sequence number of its next large datagram
         self._reassembler = Reassembler()
@@ -85,7 +85,7 @@ class DatagramCodec:
         """Send one UDP datagram in as many frames as it needs; one that cannot be is dropped."""
         seq = self._next_seq.get(flow_id, 0)
         try:
-            frames = encode_datagram_frames(flow_id, dest_index, payload, max_frame=self._max_frame, seq=seq)
+            frames = encode_datagram_frames(flow_id, dest_index, payload, max_frame=self.max_frame, seq=seq)
         except FramingError as exc:
             logger.debug("UDP flow %d: %s", flow_id, exc)
             self._counters.dropped_datagrams += 1

@@ -39,6 +39,7 @@ def session_json(session: api.Session) -> dict[str, Any]:
         "owner": session.owner,
         "peer": session.peer,
         "reason": session.reason,
+        "packet_size": session.packet_size,
     }
 
 
@@ -78,6 +79,8 @@ def describe(session: api.Session) -> list[str]:
     if s["data_endpoints"]:
         lines.append(f"  data endpoints: {', '.join(s['data_endpoints'])}")
     lines.append(f"  traffic:        {s['bytes_in']} bytes in, {s['bytes_out']} bytes out")
+    if s["packet_size"]:
+        lines.append(f"  packet size:    {s['packet_size']} bytes (QUIC, path MTU discovery)")
     lines.append(f"  owner:          {s['owner']}")
     lines.append(f"  expires:        {s['expires_at']}")
     if s["peer"]:

@@ -30,7 +30,11 @@ class _BothEndpoints(Tunnel):
 
     def counters(self) -> Counters:
         a, b = self._quic.counters(), self._tls.counters()
-        return Counters(bytes_in=a.bytes_in + b.bytes_in, bytes_out=a.bytes_out + b.bytes_out)
+        return Counters(
+            bytes_in=a.bytes_in + b.bytes_in,
+            bytes_out=a.bytes_out + b.bytes_out,
+            packet_size=a.packet_size or b.packet_size,
+        )
 
     def authorize(self, peer_cert_pem: bytes) -> None:
         self._quic.authorize(peer_cert_pem)

@@ -70,6 +70,7 @@ class ConsumerPlan:
 class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
+    packet_size: int = 0  # QUIC mode: bytes per packet sent now; 0 where it does not apply
 
 
 class Tunnel(abc.ABC):

@@ -34,7 +34,7 @@ class _ProducerTunnel(Tunnel):
 
     def counters(self) -> Counters:
         c = self._server.counters
-        return Counters(bytes_in=c.bytes_in, bytes_out=c.bytes_out)
+        return Counters(bytes_in=c.bytes_in, bytes_out=c.bytes_out, packet_size=self._server.packet_size or 0)
 
     def authorize(self, peer_cert_pem: bytes) -> None:
         self._server.authorize(peer_cert_pem)
@@ -57,7 +57,7 @@ class _ConsumerTunnel(Tunnel):
 
     def counters(self) -> Counters:
         c = self._client.counters
-        return Counters(bytes_in=c.bytes_in, bytes_out=c.bytes_out)
+        return Counters(bytes_in=c.bytes_in, bytes_out=c.bytes_out, packet_size=self._client.packet_size or 0)
 
     def peer_absent_for(self) -> float | None:
         return _seconds_since(self._client.peer_absent_since)

@@ -64,4 +64,5 @@ def session_to_api(session: Session) -> api.Session:
         owner=session.owner,
         reason=session.reason,
         peer=session.peer_address,
+        packet_size=session.packet_size,
     )

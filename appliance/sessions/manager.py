@@ -575,7 +575,13 @@ class SessionManager:
         # Auto mode's producer side learns the mode from where the traffic arrives: shown, not stored
         # (a restore still opens both endpoints).
         return _with_mode_choice(
-            replace(session, bytes_in=counters.bytes_in, bytes_out=counters.bytes_out), tunnel
+            replace(
+                session,
+                bytes_in=counters.bytes_in,
+                bytes_out=counters.bytes_out,
+                packet_size=counters.packet_size,
+            ),
+            tunnel,
         )
 
     def _driver(self, mode: Mode, *, pick: bool = False) -> Driver:

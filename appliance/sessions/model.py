@@ -115,6 +115,7 @@ class Session:
     peer_session_id: str = ""
     bytes_in: int = 0
     bytes_out: int = 0
+    packet_size: int = 0  # QUIC mode, shown not stored: see Counters.packet_size
 
     @property
     def ended(self) -> bool:

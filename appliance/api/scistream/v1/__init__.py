@@ -112,6 +112,12 @@ class Session(betterproto.Message):
     peer: str = betterproto.string_field(17)
     """Control address of the other appliance."""
 
+    packet_size: int = betterproto.uint32_field(18)
+    """
+    QUIC mode: size in bytes of the QUIC packets (UDP payload) this side sends now, found by path MTU
+     discovery; 0 in other modes or while not connected.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class CreateSessionRequest(betterproto.Message):
