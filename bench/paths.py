@@ -99,3 +99,7 @@ PATHS.update(STUNNEL_PATHS)
 from bench.wireguard import WIREGUARD_PATHS  # noqa: E402 - subclasses of the classes above
 
 PATHS.update(WIREGUARD_PATHS)
+
+from bench.aioquic_defaults import AIOQUIC_PATHS  # noqa: E402 - subclasses BenchPath, defined above
+
+PATHS.update(AIOQUIC_PATHS)

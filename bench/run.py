@@ -159,7 +159,7 @@ def run_path(name: str, args: argparse.Namespace) -> PathResult:
     path = PATHS[name]()
     result = PathResult(name, path.label)
     with tempfile.TemporaryDirectory(prefix=f"scistream-bench-{name}-") as workdir:
-        topology = create_topology(Path(workdir))
+        topology = create_topology(Path(workdir), mtu=args.mtu)
         try:
             topology.a.spawn("iperf3", "-s", "-p", str(IPERF_PORT))
             topology.a.wait_listening("tcp", IPERF_PORT)
@@ -201,7 +201,8 @@ def write_report(results: list[PathResult], args: argparse.Namespace) -> Path:
             "",
             f"{when} on {platform.node()} ({os.cpu_count()} cores, Linux {platform.release()}).",
             f"Command: `scripts/bench {' '.join(sys.argv[1:])}`. Each figure: median (min-max) of "
-            f"{args.runs} runs of {args.seconds} s iperf3 between two namespaces joined by a veth pair; "
+            f"{args.runs} runs of {args.seconds} s iperf3 between two namespaces joined by a veth pair "
+            f"(MTU {args.mtu}); "
             "CPU busy: all cores of the machine together while the one-stream runs ran. Path's CPU: CPU "
             "seconds the path's own processes (relays, stunnel, wireguard-go; not iperf3) used per GB "
             "received in the one-stream runs, kernel work done on their behalf included: what a byte "
@@ -254,6 +255,9 @@ def main() -> int:
     parser.add_argument("--udp-rate", default="200M")
     parser.add_argument("--udp-length", type=int, default=1200)
     parser.add_argument("--setup-sessions", type=int, default=50)
+    parser.add_argument(
+        "--mtu", type=int, default=1500, help="MTU of the veth pair between the facilities (e.g. 9000)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     names = [n.strip() for n in args.paths.split(",") if n.strip()]

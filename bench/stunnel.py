@@ -32,8 +32,8 @@ class Stunnel(BenchPath):
         if shutil.which("stunnel4") is None:
             raise RuntimeError("stunnel4 is not installed (scripts/bootstrap installs it)")
         a, b = topology.a, topology.b
-        a_cert, a_key = _identity(a, SERVER_NAME)
-        b_cert, b_key = _identity(b, "consumer.bench.scistream")
+        a_cert, a_key = write_identity(a, SERVER_NAME)
+        b_cert, b_key = write_identity(b, "consumer.bench.scistream")
         values = {"a_cert": a_cert, "a_key": a_key, "b_cert": b_cert, "b_key": b_key}
         server = [
             f"accept = {a.wan_ip}:{SERVER_PORT}",
@@ -86,7 +86,8 @@ class StunnelENull(Stunnel):
     client_options: ClassVar[list[str]] = ["ciphers = eNULL", "securityLevel = 0", "sslVersionMax = TLSv1.2"]
 
 
-def _identity(facility: Facility, name: str) -> tuple[Path, Path]:
+def write_identity(facility: Facility, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and key for `name`, written into the facility's work directory."""
     identity = generate_identity(name)
     cert, key = facility.workdir / f"{name}.crt", facility.workdir / f"{name}.key"
     cert.write_bytes(identity.cert_pem)

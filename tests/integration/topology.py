@@ -182,8 +182,9 @@ def _register_run() -> None:
     (RUN_DIR / RUN_ID).write_text(str(os.getpid()))
 
 
-def create_topology(workdir: Path) -> Topology:
-    """Two fresh namespaces with a veth pair between them; removes what it made if a step fails."""
+def create_topology(workdir: Path, mtu: int | None = None) -> Topology:
+    """Two fresh namespaces with a veth pair between them (of `mtu` bytes, else the veth default
+    of 1,500); removes what it made if a step fails."""
     global _serial
     _serial += 1
     _register_run()
@@ -202,6 +203,8 @@ def create_topology(workdir: Path) -> Topology:
         for f in topology.facilities:
             host_run("ip", "-n", f.ns, "link", "set", "lo", "up")
             host_run("ip", "-n", f.ns, "addr", "add", f"{f.wan_ip}/{WAN_PREFIX}", "dev", "wan")
+            if mtu is not None:
+                host_run("ip", "-n", f.ns, "link", "set", "wan", "mtu", str(mtu))
             host_run("ip", "-n", f.ns, "link", "set", "wan", "up")
     except BaseException:
         destroy_topology(topology)

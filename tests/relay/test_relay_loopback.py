@@ -650,3 +650,44 @@ def test_server_reset_tokens_are_the_same_after_a_restart(server_identity) -> No
     assert reset is not None and len(reset) < 1200 and reset.endswith(reset_token(key, first.cid))
     assert reset[0] & 0xC0 == 0x40  # a short header
     assert stateless_reset(key, first.cid, 21) is None  # too small to answer with a smaller packet
+
+
+# packet I/O and packet size
+
+
+@pytest.mark.parametrize(("gso", "gro"), [(False, False), (True, False), (False, True)])
+async def test_streams_are_intact_with_gso_and_gro_off(make_pair, echo_dest, gso, gro) -> None:
+    config = RelayConfig(idle_timeout=5.0, handshake_timeout=3.0, gso=gso, gro=gro)
+    pair = await make_pair([echo_dest.address], config)
+    reader, writer = await pair.tcp_entry()
+    payload = os.urandom(2 * 1024 * 1024)
+    writer.write(payload)
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.read(-1), 20)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    writer.close()
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(8952, 8952), (4000, 4000), (1200, 1200)])
+async def test_both_sides_raise_the_packet_size_to_what_the_path_and_the_cap_allow(
+    make_pair, echo_dest, cap, expected
+) -> None:
+    # loopback's MTU (65536) is no limit here: the configured cap is
+    config = RelayConfig(idle_timeout=5.0, handshake_timeout=3.0, max_datagram_size=cap)
+    pair = await make_pair([echo_dest.address], config)
+    reader, writer = await pair.tcp_entry()
+    writer.write(b"x" * 100_000)  # traffic both ways carries the probes and their ACKs
+    await reader.readexactly(100_000)
+    await wait_for_condition(
+        lambda: pair.client.packet_size == expected and pair.server.packet_size == expected
+    )
+    writer.close()
+
+
+async def test_udp_datagrams_use_the_larger_packets_once_discovered(make_pair, udp_dest) -> None:
+    pair = await make_pair([udp_dest])
+    await udp_echo_round_trip(pair, udp_dest, [b"warm-up"])
+    await wait_for_condition(lambda: pair.client.packet_size == CONFIG.max_datagram_size)
+    protocol = pair.client._protocol
+    assert protocol is not None
+    assert pair.client.flows.codec.max_frame > 8000  # a 8 KB datagram now needs one frame, not seven
