@@ -130,6 +130,7 @@ class RelayQuicConnection(QuicConnection):
         # set by the protocol once the handshake is done and the route MTU known
         self.path_mtu: PathMtuSearch | None = None
         self.dropped_on_shrink = 0
+        self._watch_large_packets()
 
     # path MTU discovery
 
@@ -153,12 +154,60 @@ class RelayQuicConnection(QuicConnection):
 
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
+        # Two probe timeouts in a row while sending packets larger than the base: nothing at all
+        # comes back, those packets are vanishing (RFC 8899 §4.3, black hole).
+        if self._loss._pto_count >= 2:
+            self._black_hole(now)
+
+    def _black_hole(self, now: float) -> None:
+        """Back to the base size, which every path carries; the search resumes a little later."""
         search = self.path_mtu
-        # Two probe timeouts in a row while sending packets larger than the base: those packets are
-        # vanishing (RFC 8899 §4.3, black hole). Go back to the base size, which every path carries.
-        if search is not None and self._loss._pto_count >= 2 and search.current > search.base:
-            search.black_hole(now)
-            self._use_packet_size(search.current)
+        if search is None or search.current <= search.base:
+            return
+        # Packets in flight above the base will never arrive: give their data back to be sent again
+        # in base-size packets now, rather than one per probe timeout, with an exponential backoff.
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        stranded = [p for p in space.sent_packets.values() if p.sent_bytes > search.base]
+        if stranded:
+            self._loss._on_packets_lost(packets=stranded, space=space, now=now, congestion_event=False)
+        self._loss._pto_count = 0
+        search.black_hole(now)
+        self._use_packet_size(search.current)
+        self._large_losses = 0
+
+    def _watch_large_packets(self) -> None:
+        """Counts data packets above the base size that were lost while no large packet sent after
+        them was acknowledged: when smaller packets still get through (ACKs, control traffic), that
+        is a black hole too, even though probe timeouts never fire. Losses behind a large packet
+        that did arrive are congestion, not a path limit."""
+        self._large_losses = 0
+        self._last_large_acked = -1
+        recovery: Any = self._loss
+        cc: Any = recovery._cc
+        on_packets_lost, on_packet_acked = recovery._on_packets_lost, cc.on_packet_acked
+        base = self._configuration.max_datagram_size
+
+        def acked(*, packet: Any, now: float) -> None:
+            if packet.sent_bytes > base and packet.packet_number > self._last_large_acked:
+                self._last_large_acked = packet.packet_number
+            on_packet_acked(packet=packet, now=now)
+
+        def lost(*, packets: Any, space: Any, now: float, congestion_event: bool = True, **kw: Any) -> None:
+            packets = list(packets)
+            if congestion_event:  # not a PTO's retransmission of data that may well have arrived
+                for packet in packets:
+                    if (
+                        packet.in_flight
+                        and packet.sent_bytes > base
+                        and packet.packet_number > self._last_large_acked
+                    ):
+                        self._large_losses += 1
+            on_packets_lost(packets=packets, space=space, now=now, congestion_event=congestion_event, **kw)
+            if self._large_losses >= 3:
+                self._black_hole(now)
+
+        cc.on_packet_acked = acked
+        recovery._on_packets_lost = lost
 
     def acknowledge_now(self, now: float) -> None:
         """Let the next `datagrams_to_send` carry the pending 1-RTT ACK instead of waiting for

@@ -9,8 +9,9 @@ the peer acknowledged them. Time is passed in.
 The search starts at the largest size the route allows (the kernel's route MTU less IP and UDP
 headers) because on science networks that size usually works, then bisects between the largest
 confirmed and the smallest failed size. A probe size fails after `MAX_PROBES` losses in a row. When
-packets of the confirmed size stop arriving (a black hole), the size drops back to the base, and the
-search starts again after `RAISE_INTERVAL`.
+packets of the confirmed size stop arriving (a black hole), the size drops back to the base at once
+and the search starts again after `BLACK_HOLE_HOLD`. A search that ended below the ceiling tries
+the ceiling again every `RAISE_INTERVAL`, in case the path got better.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 BASE_SIZE = 1200  # RFC 9000 §14: every QUIC path must carry this
 HEADER_OVERHEAD = 48  # IPv6 + UDP; also used for IPv4, so a size means the same on either family
 MAX_PROBES = 3  # RFC 8899 MAX_PROBES
-RAISE_INTERVAL = 600.0  # RFC 8899 PMTU_RAISE_TIMER: search again this long after a black hole
+RAISE_INTERVAL = 600.0  # RFC 8899 PMTU_RAISE_TIMER: try larger sizes again this long after a search
+BLACK_HOLE_HOLD = 1.0  # after a black hole, carry data at the base size this long before searching
 SEARCH_GRANULARITY = 32  # stop bisecting when confirmed and failed sizes are this close
 
 
@@ -41,6 +43,7 @@ class PathMtuSearch:
     _failed: int = field(init=False)  # smallest size known not to get through
     _losses: int = field(default=0, init=False)  # losses in a row of the size being probed
     _resume_at: float | None = field(default=None, init=False)  # search paused until then
+    _completed_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.ceiling = max(self.ceiling, self.base)
@@ -53,8 +56,15 @@ class PathMtuSearch:
 
     def next_probe(self, now: float) -> int | None:
         """The size to probe now, or None (a probe is in flight, or the search is over or paused)."""
-        if self.in_flight is not None or not self.searching:
+        if self.in_flight is not None:
             return None
+        if not self.searching:
+            if self._completed_at is None:
+                self._completed_at = now
+            if self._failed > self.ceiling or now < self._completed_at + RAISE_INTERVAL:
+                return None
+            self._failed = self.ceiling + 1  # the path may carry more now: try the ceiling again
+        self._completed_at = None
         if self._resume_at is not None:
             if now < self._resume_at:
                 return None
@@ -88,4 +98,5 @@ class PathMtuSearch:
         self.in_flight = None
         self._losses = 0
         self._failed = self.ceiling + 1
-        self._resume_at = now + RAISE_INTERVAL
+        self._completed_at = None
+        self._resume_at = now + BLACK_HOLE_HOLD

@@ -1,6 +1,6 @@
 """PathMtuSearch: which packet size a QUIC connection probes and keeps (sans I/O)."""
 
-from quic_relay.pmtu import MAX_PROBES, RAISE_INTERVAL, PathMtuSearch, packet_size_for_mtu
+from quic_relay.pmtu import BLACK_HOLE_HOLD, MAX_PROBES, RAISE_INTERVAL, PathMtuSearch, packet_size_for_mtu
 
 
 def lose(search: PathMtuSearch, size: int, times: int = MAX_PROBES) -> None:
@@ -53,15 +53,29 @@ def test_a_late_loss_of_a_smaller_probe_does_not_lower_the_size() -> None:
     assert search.current == 8952
 
 
-def test_black_hole_drops_to_the_base_and_searches_again_after_the_raise_interval() -> None:
+def test_black_hole_drops_to_the_base_at_once_and_searches_again_shortly_after() -> None:
     search = PathMtuSearch(base=1200, ceiling=8952)
     assert search.next_probe(0.0) == 8952
     search.probe_acknowledged(8952)
     search.black_hole(now=100.0)
     assert search.current == 1200
     assert search.black_holes == 1
-    assert search.next_probe(100.0 + RAISE_INTERVAL - 1) is None
-    assert search.next_probe(100.0 + RAISE_INTERVAL) == 8952
+    assert search.next_probe(100.0 + BLACK_HOLE_HOLD / 2) is None
+    assert search.next_probe(100.0 + BLACK_HOLE_HOLD) == 8952
+
+
+def test_a_search_that_ended_below_the_ceiling_tries_it_again_after_the_raise_interval() -> None:
+    search = PathMtuSearch(base=1200, ceiling=8952)
+    while (size := search.next_probe(0.0)) is not None:
+        if size <= 1452:
+            search.probe_acknowledged(size)
+        else:
+            search.probe_lost(size)
+    found = search.current
+    assert search.next_probe(RAISE_INTERVAL - 1) is None
+    assert search.next_probe(RAISE_INTERVAL + 1) == 8952
+    search.probe_lost(8952)
+    assert search.current == found  # a failed raise keeps the confirmed size
 
 
 def test_a_ceiling_at_the_base_means_no_search() -> None:
