@@ -158,7 +158,9 @@ class AioquicDefaults(BenchPath):
                 "--cert", files["b"][0], "--key", files["b"][1], "--peer-cert", files["a"][0],
                 log=b.workdir / "aioquic-client.log")  # fmt: skip
         b.wait_listening("tcp", ENTRY_PORT)
-        return Target("127.0.0.1", ENTRY_PORT, udp=False)
+        # one stream is the comparison that matters; with four, iperf3's control connection through
+        # this minimal relay is closed early (not investigated: the relay is a yardstick)
+        return Target("127.0.0.1", ENTRY_PORT, udp=False, streams4=False)
 
 
 AIOQUIC_PATHS: dict[str, type[BenchPath]] = {AioquicDefaults.name: AioquicDefaults}

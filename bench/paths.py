@@ -18,6 +18,7 @@ class Target:
     host: str
     port: int
     udp: bool = True  # whether UDP through this path is supported
+    streams4: bool = True  # whether the 4-stream run is measured
 
 
 class BenchPath(abc.ABC):

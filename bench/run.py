@@ -118,8 +118,13 @@ def measure_throughput(
         received = _bytes(tcp1, "sum_received") / 1e9
         used = sum(used1[pid] - used0[pid] for pid in used1.keys() & used0.keys())
         result.cost1.values.append(used / received if received else 0.0)
-        tcp4 = run_iperf_client(consumer, entry, seconds=args.seconds, timeout=args.seconds + 60, streams=4)
-        result.tcp4.values.append(_mbits(tcp4, "sum_received"))
+        if target.streams4:
+            tcp4 = run_iperf_client(
+                consumer, entry, seconds=args.seconds, timeout=args.seconds + 60, streams=4
+            )
+            result.tcp4.values.append(_mbits(tcp4, "sum_received"))
+        else:
+            result.tcp4.note = "not measured"
         if target.udp:
             udp = run_iperf_client(
                 consumer,

@@ -234,11 +234,12 @@ class RelayClient:
 
     async def add_udp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
         """Bind a UDP socket on host:port; each source address is one flow to `dest_index`."""
-        transport, entry = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: UdpEntry(self.flows, dest_index), local_addr=(host, port)
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
         )
+        entry = UdpEntry(self.flows, dest_index, open_socket(infos[0][4], infos[0][0]))
         self._udp_entries.append(entry)
-        sockname = transport.get_extra_info("sockname")
+        sockname = entry.transport.get_extra_info("sockname")
         return str(sockname[0]), int(sockname[1])
 
     def _attach(self, bridge: StreamBridge, dest_index: int) -> None:
@@ -311,8 +312,7 @@ class RelayClient:
         for server in self._tcp_servers:
             server.close()
         for entry in self._udp_entries:
-            if entry.transport is not None:
-                entry.transport.close()
+            entry.transport.close()
         self.flows.close()
         for bridge, _ in self._waiting:
             bridge.abort()

@@ -160,6 +160,7 @@ class DatagramSocket(asyncio.DatagramTransport):
         *,
         gso: bool = True,
         gro: bool = True,
+        dont_fragment: bool = True,
     ) -> None:
         super().__init__(extra={"socket": sock, "sockname": sock.getsockname()})
         self._loop = asyncio.get_running_loop()
@@ -167,7 +168,8 @@ class DatagramSocket(asyncio.DatagramTransport):
         self._receive = receive
         self._received_all = received_all
         sock.setblocking(False)
-        forbid_fragmentation(sock)
+        if dont_fragment:  # QUIC sockets; an app's entry point keeps the host's usual behaviour
+            forbid_fragmentation(sock)
         self.gso = gso and gso_supported(sock)
         self.gro = gro and enable_gro(sock)
         self._queue: list[tuple[bytes, Address]] = []
