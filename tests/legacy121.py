@@ -137,7 +137,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--receiver_ports", default="5074,5075,5076,37000,47000")
     parser.add_argument("--num_conn", type=int, default=5)
     parser.add_argument("--uid", help="The uid (1.2.1 makes a uuid1).")
-    options = parser.parse_args(argv)
+    options = parser.parse_intermixed_args(argv)
     cert = Path(options.server_cert)
     try:
         if options.command == "release":
