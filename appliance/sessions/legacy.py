@@ -94,7 +94,7 @@ class LegacyCoordinator:
         ports: PortAllocator,
         *,
         advertise_host: str,
-        mode: Mode = Mode.QUIC,
+        mode: Mode = Mode.TLS,
         hello_timeout: float = 180.0,
         peer_port: int = 5000,
         pin_peer: PeerPinner,

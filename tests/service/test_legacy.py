@@ -352,12 +352,20 @@ async def test_a_malformed_prod_listener_is_invalid_argument(pair: Pair) -> None
 
 
 async def test_the_legacy_mode_setting_chooses_the_data_plane(tmp_path: Path, echo_server: str) -> None:
-    async with legacy_pair(tmp_path, legacy_mode="tls") as (a, b):
+    async with legacy_pair(tmp_path, legacy_mode="quic") as (a, b):  # not the default (tls)
         entry_points = await outbound(b, "t", await inbound(a, "t", echo_server))
-        assert await echo_through(entry_points[0], b"over tls") == b"over tls"
+        assert await echo_through(entry_points[0], b"over quic") == b"over quic"
         assert a.appliance.manager is not None
         session = a.appliance.manager.get(SYSTEM, session_id_for("t", Side.PRODUCER))
-        assert session.mode.value == "tls"
+        assert session.mode.value == "quic"
+
+
+async def test_1_2_1_sessions_are_tls_over_tcp_by_default(pair: Pair, echo_server: str) -> None:
+    a, b = pair
+    await outbound(b, "d", await inbound(a, "d", echo_server))
+    for f, side in ((a, Side.PRODUCER), (b, Side.CONSUMER)):
+        assert f.appliance.manager is not None
+        assert f.appliance.manager.get(SYSTEM, session_id_for("d", side)).mode.value == "tls"
 
 
 async def _wait_pending(f: Facility, uids: list[str]) -> None:
