@@ -4,6 +4,7 @@ as it does), and 1.2.1's s2uc flow (grpcio, same call order and metadata) agains
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from appliance.cli.client import Target, connect
+from appliance.cli.legacy import server_flags
+from appliance.config import load_settings
+from appliance.control.channel import Trust
+from appliance.control.server import Appliance
+from appliance.errors import Unavailable
 from appliance.sessions.legacy import session_id_for
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
@@ -121,3 +128,45 @@ async def test_the_1_2_1_client_flow_carries_tcp_through_our_appliances(
     assert await echo_through(entry_points[0], b"from 1.2.1") == b"from 1.2.1"
     assert b.appliance.manager is not None
     assert b.appliance.manager.get(SYSTEM, session_id_for(uid, Side.CONSUMER)).state is State.ACTIVE
+
+
+async def test_s2cs_listens_on_every_address_and_its_certificate_names_listener_ip(tmp_path: Path) -> None:
+    base = free_port_block(3)
+    flags = server_flags(
+        listener_ip="127.0.0.2",
+        port=base,
+        port_range=f"{base + 1}-{base + 2}",
+        server_type="Haproxy",
+        mode=None,
+        server_crt=None,
+        server_key=None,
+        client_secret="",
+        auth=None,
+        ssl=True,
+        verbose=False,
+        advertise=None,
+        state_dir=tmp_path / "s2cs",
+    )
+    appliance = Appliance(load_settings(**flags))
+    await appliance.start()
+    try:
+        cert = tmp_path / "s2cs" / "tls" / "control.crt"
+        hosts = ["127.0.0.2", "127.0.0.1", "localhost"]
+        if socket.has_ipv6 and Path("/proc/net/if_inet6").read_text().strip():
+            hosts.append("[::1]")
+        for host in hosts:  # each one verified by name against the certificate
+            async with connect(Target(f"{host}:{base}", Trust(ca_file=cert), None, timeout=5)) as client:
+                assert await client.serving(), host
+    finally:
+        await appliance.stop()
+
+
+async def test_a_start_that_fails_releases_the_state_dir(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(Unavailable, match="cannot listen"):
+            await start_facility(tmp_path, "f", listen=address)
+    facility = await start_facility(tmp_path, "f")  # the same state directory: free again
+    await facility.appliance.stop()
