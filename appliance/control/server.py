@@ -75,7 +75,7 @@ class Appliance:
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            await self._teardown()  # quietly: the caller reports why it could not start, on one line
             raise
 
     async def _start(self) -> None:
@@ -152,6 +152,10 @@ class Appliance:
         )
 
     async def stop(self) -> None:
+        await self._teardown()
+        log.info("appliance stopped")
+
+    async def _teardown(self) -> None:
         """Stops what `start` got to (also after a failed start), then releases the state directory."""
         if self.legacy is not None:
             await self.legacy.stop()  # first: it ends requests still waiting for their hello
@@ -169,7 +173,6 @@ class Appliance:
         if self._state_lock is not None:
             self._state_lock.release()  # last: everything that used the directory is done
             self._state_lock = None
-        log.info("appliance stopped")
 
 
 def _every_address_socket(port: int) -> socket.socket:
