@@ -22,6 +22,8 @@ from appliance.sessions.ports import PortRange
 DEFAULT_CONTROL_PORT = 5000
 DEFAULT_PORT_RANGE = "5100-5200"
 DEFAULT_WIREGUARD_PORT = 51820
+DEFAULT_STATE_DIR = Path("/var/lib/scistream")
+WILDCARDS = ("0.0.0.0", "::", "")  # listen hosts that mean every address: never an address to hand out
 
 
 class Settings(BaseSettings):
@@ -38,7 +40,8 @@ class Settings(BaseSettings):
     port_range: str = DEFAULT_PORT_RANGE
     # Address data-plane sockets (entry points, data endpoints) bind to.
     data_bind: str = "0.0.0.0"
-    state_dir: Path = Path("/var/lib/scistream")
+    # Held by one appliance at a time (a lock file in it); `s2cs` defaults to one per control port.
+    state_dir: Path = DEFAULT_STATE_DIR
     auth: Literal["none", "tokens", "jwt"] = "tokens"
     tokens_file: Path | None = None
     jwks_file: Path | None = None
@@ -67,10 +70,16 @@ class Settings(BaseSettings):
     # SciStream 1.2.1 protocol (scistream.Control): the data plane its sessions use, how long a `req`
     # waits for its hello, the control port of producer appliances, and a CA file for their certificates
     # (unset: accepted on first use, as 1.2.1 does).
-    legacy_mode: Literal["quic", "wireguard", "tls", "auto"] = "quic"
+    # TLS by default: TCP like 1.2.1's stunnel, through the TCP port ranges its users opened.
+    legacy_mode: Literal["quic", "wireguard", "tls", "auto"] = "tls"
     legacy_hello_timeout: float = Field(default=180.0, gt=0)
     legacy_peer_port: int = Field(default=DEFAULT_CONTROL_PORT, ge=1, le=65535)
     legacy_peer_ca: Path | None = None
+    # SciStream 1.2.1 uids waiting for their next call (a req for its hello, an early hello for its
+    # req, a consumer reservation for its update), per client address and in all: each may hold a
+    # call and ports for `legacy_hello_timeout`, so more are RESOURCE_EXHAUSTED.
+    legacy_max_pending_per_client: int = Field(default=32, ge=1)
+    legacy_max_pending: int = Field(default=256, ge=1)
 
     @field_validator("port_range")
     @classmethod
@@ -104,7 +113,7 @@ class Settings(BaseSettings):
         if self.advertise:
             return self.advertise
         host = self.listen_address.host
-        return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return "127.0.0.1" if host in WILDCARDS else host
 
     @property
     def advertise_address(self) -> str:

@@ -2,14 +2,16 @@
 
 `s2cs` runs an appliance with 1.2.1's options; `s2uc inbound-request / outbound-request / release`
 drive the `scistream.Control` service the way 1.2.1's s2uc does, and print the lines 1.2.1 scripts
-parse (the uid line, `Listeners: [...]`). Differences: the uid is random (uuid4, not uuid1), req and
-hello are sent together without a sleep, errors exit non-zero, and a token is never printed (the
-token column shows `NO_AUTH` or `REDACTED`).
+parse (the uid line, `Listeners: [...]`). Differences: the uid is random (uuid4, not uuid1), hello
+follows req without 1.2.1's 0.5 s sleep (and is sent again while a 1.2.1 s2cs has not registered the
+req yet), errors exit non-zero, and a token is never printed (the token column shows `NO_AUTH` or
+`REDACTED`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
@@ -31,6 +33,10 @@ DEFAULT_RECEIVER_PORTS = "5074,5075,5076,37000,47000"  # 1.2.1's default destina
 # 1.2.1's data-server types; all of them mean our (encrypted) default data plane here.
 LEGACY_TYPES = ("haproxy", "nginx", "stunnel", "stunnelsubprocess", "haproxysubprocess", "s2ds")
 MODES = ("quic", "wireguard", "tls", "auto")
+# 1.2.1's s2cs answer to a hello (or update) whose req it has not registered yet.
+NOT_REGISTERED = "entry not found for uid"
+HELLO_RETRY_FIRST, HELLO_RETRY_MAX = 0.05, 1.0  # seconds between hellos, doubling
+HELLO_PATIENCE = 30.0  # seconds to keep sending hello while 1.2.1's s2cs has not registered the req
 
 
 class _Commands(click.Group):
@@ -71,15 +77,28 @@ def server_flags(
     auth: str | None,
     ssl: bool,
     verbose: bool,
+    advertise: str | None,
+    state_dir: Path | None,
 ) -> dict[str, Any]:
-    """Settings flags (as `load_settings` takes them) for 1.2.1's s2cs options."""
+    """Settings flags (as `load_settings` takes them) for 1.2.1's s2cs options.
+
+    As 1.2.1 does, s2cs listens on every address and hands out `listener_ip` (in listeners and its
+    certificate); its state directory is one per control port, so that two s2cs on one host (1.2.1's
+    quickstart) never share one.
+    """
+    from appliance.config import DEFAULT_STATE_DIR, WILDCARDS  # here: s2uc needs none of the settings
+
     if mode is None:
         kind = server_type.lower()
         if kind not in MODES and kind not in LEGACY_TYPES:
             raise InvalidArgument(
                 f"unknown --type {server_type!r} (1.2.1 types, or one of {', '.join(MODES)})"
             )
-        mode = kind if kind in MODES else "quic"
+        mode = kind if kind in MODES else None  # 1.2.1's proxies: the legacy_mode setting (tls)
+    if state_dir is None and "SCISTREAM_STATE_DIR" not in os.environ:
+        state_dir = DEFAULT_STATE_DIR / f"s2cs-{port}"
+    if advertise is None and listener_ip not in WILDCARDS:
+        advertise = listener_ip
     if auth is None:
         if client_secret:
             raise InvalidArgument(
@@ -91,7 +110,9 @@ def server_flags(
     if cert is None and key is None and Path("server.crt").is_file() and Path("server.key").is_file():
         cert, key = Path("server.crt"), Path("server.key")  # 1.2.1's defaults, when they exist
     return {
-        "listen": f"{listener_ip}:{port}",
+        "listen": f"[::]:{port}",
+        "advertise": advertise,
+        "state_dir": state_dir,
         "port_range": port_range,
         "legacy_mode": mode,
         "tls_cert": cert,
@@ -104,12 +125,16 @@ def server_flags(
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--listener_ip", "--listener-ip", default="0.0.0.0", show_default=True, help="Address to serve on."
+    "--listener_ip",
+    "--listener-ip",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address handed out in listeners and named by the certificate (s2cs listens on every address).",
 )
 @click.option("--port", type=int, default=5000, show_default=True, help="Control port.")
 @click.option("--port_range", "--port-range", help="Data ports FIRST-LAST [5100-5200].")
 @click.option("-t", "--type", "server_type", default="Haproxy", show_default=True, help="1.2.1 type or mode.")
-@click.option("--mode", type=click.Choice(MODES), help="Data plane of 1.2.1 sessions [quic].")
+@click.option("--mode", type=click.Choice(MODES), help="Data plane of 1.2.1 sessions [tls].")
 @click.option("--server_crt", "--server-crt", type=click.Path(path_type=Path), help="Control certificate.")
 @click.option("--server_key", "--server-key", type=click.Path(path_type=Path), help="Key of --server_crt.")
 @click.option("--client_id", "--client-id", default="", help="Accepted for 1.2.1 compatibility; unused.")
@@ -117,7 +142,9 @@ def server_flags(
 @click.option("--auth", type=click.Choice(["none", "tokens", "jwt"]), help="User authentication [none].")
 @click.option("--tokens-file", type=click.Path(path_type=Path), help="YAML file of hashed tokens.")
 @click.option("--advertise", help="Host peers and users reach this appliance at.")
-@click.option("--state-dir", type=click.Path(path_type=Path), help="State directory [/var/lib/scistream].")
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), help="State directory [/var/lib/scistream/s2cs-PORT]."
+)
 @click.option("--peer_cert", "--peer-cert", type=click.Path(path_type=Path), help="CA of peer appliances.")
 @click.option("--hello_timeout", "--hello-timeout", type=float, help="Seconds a req waits for hello [180].")
 @click.option("--peer_port", "--peer-port", type=int, help="Control port of producer appliances [5000].")
@@ -168,12 +195,12 @@ def s2cs(
             auth=auth,
             ssl=ssl,
             verbose=verbose,
+            advertise=advertise,
+            state_dir=state_dir,
         )
         settings = load_settings(
             **flags,
             tokens_file=tokens_file,
-            advertise=advertise,
-            state_dir=state_dir,
             legacy_peer_ca=peer_cert,
             legacy_hello_timeout=hello_timeout,
             legacy_peer_port=peer_port,
@@ -193,6 +220,7 @@ class _Client:
 
     def __init__(self, channel: Channel, address: str, token: str | None, timeout: float) -> None:
         metadata = {"authorization": token} if token else None
+        self.timeout = timeout
         self.stub = legacy_api.ControlStub(channel, timeout=timeout, metadata=metadata)
         self.what = f"appliance {address}"
 
@@ -215,13 +243,34 @@ def _print_uid_line(uid: str, s2cs: str, token: str | None, role: str) -> None:
 async def _req_and_hello(
     client: _Client, uid: str, role: str, num_conn: int, rate: int, receivers: list[str]
 ) -> legacy_api.Response:
-    """req and hello together (the appliance takes them in either order); req's answer."""
+    """req, and hello once the appliance has registered the req; req's answer.
+
+    Our appliance takes the two in either order, but SciStream 1.2.1's s2cs registers a uid only when
+    it processes the req, and answers a hello that comes first with "hello request invalid, entry not
+    found for uid": so hello follows req, and is sent again on that answer, with backoff, until the
+    req has been registered (bounded by HELLO_PATIENCE and --timeout).
+    """
     request = legacy_api.Request(uid=uid, role=role, num_conn=num_conn, rate=rate)
     hello = legacy_api.Hello(uid=uid, role="PROD", prod_listeners=receivers)
-    async with asyncio.TaskGroup() as group:  # a failed hello cancels the waiting req
+    async with asyncio.TaskGroup() as group:  # a failed hello cancels the waiting req, and back
         answer = group.create_task(call(client.stub.req(request), client.what))
-        group.create_task(call(client.stub.hello(hello), client.what))
+        await asyncio.sleep(0)  # the req's stream opens first
+        group.create_task(_hello_once_registered(client, hello, min(client.timeout, HELLO_PATIENCE)))
     return answer.result()
+
+
+async def _hello_once_registered(client: _Client, hello: legacy_api.Hello, patience: float) -> None:
+    loop = asyncio.get_running_loop()
+    give_up, delay = loop.time() + patience, HELLO_RETRY_FIRST
+    while True:
+        try:
+            await call(client.stub.hello(hello), client.what)
+            return
+        except ApplianceError as exc:
+            if NOT_REGISTERED not in exc.message or loop.time() + delay > give_up:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, HELLO_RETRY_MAX)
 
 
 def _receivers(remote_ip: str, receiver_ports: str | None) -> list[str]:

@@ -6,10 +6,13 @@ Calls are authenticated like our own Control service (`authorization` metadata, 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import ipaddress
 from pathlib import Path
 
 import structlog
+from grpclib.events import RecvRequest
 
 from appliance.api import scistream as legacy_api
 from appliance.control.services import current_principal, grpc_errors
@@ -19,6 +22,27 @@ from appliance.sessions.model import Address
 
 log = structlog.get_logger(__name__)
 
+LEGACY_SERVICE = "/scistream.Control/"
+_client: contextvars.ContextVar[str] = contextvars.ContextVar("legacy_client", default="")
+
+
+async def remember_client(event: RecvRequest) -> None:
+    """A RecvRequest listener: the IP address of a 1.2.1 call's client, for the coordinator's
+    per-client bound (IPv4 clients of a dual-stack listener come as ::ffff:a.b.c.d)."""
+    if event.method_name.startswith(LEGACY_SERVICE):
+        _client.set(client_host(event.peer.addr()))
+
+
+def client_host(peername: object) -> str:
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return ""
+    try:
+        address = ipaddress.ip_address(peername[0].split("%", 1)[0])
+    except ValueError:
+        return peername[0]
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
 
 class LegacyControlService(legacy_api.ControlBase):
     def __init__(self, coordinator: LegacyCoordinator) -> None:
@@ -27,13 +51,15 @@ class LegacyControlService(legacy_api.ControlBase):
     @grpc_errors
     async def req(self, request: legacy_api.Request) -> legacy_api.Response:
         listeners, prod_listeners = await self._coordinator.request(
-            current_principal(), request.uid, request.role, request.num_conn
+            current_principal(), request.uid, request.role, request.num_conn, _client.get()
         )
         return legacy_api.Response(listeners=listeners, prod_listeners=prod_listeners)
 
     @grpc_errors
     async def hello(self, hello: legacy_api.Hello) -> legacy_api.AppResponse:
-        message = self._coordinator.hello(current_principal(), hello.uid, list(hello.prod_listeners))
+        message = self._coordinator.hello(
+            current_principal(), hello.uid, list(hello.prod_listeners), _client.get()
+        )
         return legacy_api.AppResponse(message=message)
 
     @grpc_errors

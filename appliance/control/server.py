@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 from importlib import resources
 
 import structlog
@@ -14,8 +16,8 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server
 
 from appliance.auth import build_authenticator
-from appliance.config import Settings
-from appliance.control.legacy import LegacyControlService, pin_peer_certificate
+from appliance.config import WILDCARDS, Settings
+from appliance.control.legacy import LegacyControlService, pin_peer_certificate, remember_client
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
 from appliance.control.tls import ensure_certificate, server_context
@@ -31,6 +33,7 @@ from appliance.sessions.manager import Identity, PeerLink, SessionManager
 from appliance.sessions.model import Address, Mode
 from appliance.sessions.ports import PortAllocator
 from appliance.sessions.store import SessionStore
+from appliance.state_dir import StateDirLock, claim_state_dir
 from quic_relay import RelayConfig
 
 log = structlog.get_logger(__name__)
@@ -61,11 +64,22 @@ class Appliance:
         self.legacy: LegacyCoordinator | None = None
         self._store: SessionStore | None = None
         self._drivers = build_drivers(settings.workers)
+        self._state_lock: StateDirLock | None = None
+        self._manager_started = self._serving = False
         self.fingerprint = ""
 
     async def start(self) -> None:
+        # First of all: an appliance that cannot have its state directory to itself must touch nothing
+        # in it (no restore, no sweep of another appliance's sessions).
+        self._state_lock = claim_state_dir(self.settings.state_dir)
+        try:
+            await self._start()
+        except BaseException:
+            await self._teardown()  # quietly: the caller reports why it could not start, on one line
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
-        s.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         wireguard = build_wireguard_driver(s.wireguard_backend, s.wireguard_pool, s.state_dir, s.wireguard_go)
         if wireguard is not None:
             self._drivers[Mode.WIREGUARD] = wireguard
@@ -83,7 +97,8 @@ class Appliance:
         if s.insecure:
             log.warning("INSECURE: the control channel is plaintext; use only for development")
         else:
-            hosts = [s.advertise_host, s.listen_address.host]
+            # The names clients may reach it by (a wildcard listen address is not one).
+            hosts = [h for h in (s.advertise_host, s.listen_address.host) if h not in WILDCARDS]
             cert = ensure_certificate(s.state_dir, hosts, s.tls_cert, s.tls_key)
             self.fingerprint = cert.fingerprint
             ssl_context = server_context(cert)
@@ -113,13 +128,18 @@ class Appliance:
         services = ServerReflection.extend([control, peer, legacy, health], pool=_descriptor_pool())
         self.server = Server(services)
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
+        listen(self.server, RecvRequest, remember_client)
         await self.manager.start()
+        self._manager_started = True
         address = s.listen_address
         try:
-            await self.server.start(address.host, address.port, ssl=ssl_context, reuse_address=True)
+            if address.host == "::":
+                await self.server.start(sock=_every_address_socket(address.port), ssl=ssl_context)
+            else:
+                await self.server.start(address.host, address.port, ssl=ssl_context, reuse_address=True)
         except OSError as exc:
-            await self.manager.stop()
             raise Unavailable(f"cannot listen on {address}: {exc.strerror}") from None
+        self._serving = True
         if s.metrics_port:
             serve_metrics(self.manager, address.host, s.metrics_port)
         log.info(
@@ -132,18 +152,52 @@ class Appliance:
         )
 
     async def stop(self) -> None:
+        await self._teardown()
+        log.info("appliance stopped")
+
+    async def _teardown(self) -> None:
+        """Stops what `start` got to (also after a failed start), then releases the state directory."""
         if self.legacy is not None:
             await self.legacy.stop()  # first: it ends requests still waiting for their hello
-        if self.server is not None:
+        if self.server is not None and self._serving:
+            self._serving = False
             self.server.close()
             await self.server.wait_closed()
-        if self.manager is not None:
+        if self.manager is not None and self._manager_started:
+            self._manager_started = False
             await self.manager.stop()
         for driver in self._drivers.values():
             await driver.close()
         if self._store is not None:
             self._store.close()
-        log.info("appliance stopped")
+        if self._state_lock is not None:
+            self._state_lock.release()  # last: everything that used the directory is done
+            self._state_lock = None
+
+
+def _every_address_socket(port: int) -> socket.socket:
+    """A TCP socket bound to every address, IPv4 included (one dual-stack IPv6 socket, as SciStream
+    1.2.1 listens on `[::]`); on a host without IPv6, to every IPv4 address."""
+    try:
+        return _bound(socket.AF_INET6, "::", port)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+            raise
+    return _bound(socket.AF_INET, "0.0.0.0", port)
+
+
+def _bound(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # asyncio would make an IPv6 listener IPv6-only; this one must take IPv4 clients too.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _legacy_coordinator(s: Settings, manager: SessionManager, ports: PortAllocator) -> LegacyCoordinator:
@@ -162,6 +216,8 @@ def _legacy_coordinator(s: Settings, manager: SessionManager, ports: PortAllocat
         hello_timeout=s.legacy_hello_timeout,
         peer_port=s.legacy_peer_port,
         pin_peer=pin_peer,
+        max_pending=s.legacy_max_pending,
+        max_pending_per_client=s.legacy_max_pending_per_client,
     )
 
 

@@ -37,6 +37,7 @@ from appliance.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from appliance.sessions import ticket as tk
@@ -75,6 +76,7 @@ class _Pending:
 
     uid: str
     owner: str
+    client: str  # the caller's IP address, for the per-client bound
     hello: asyncio.Future[tuple[str, ...]]
     side: Side | None = None  # known once req arrives
     num_conn: int = 1
@@ -92,10 +94,12 @@ class LegacyCoordinator:
         ports: PortAllocator,
         *,
         advertise_host: str,
-        mode: Mode = Mode.QUIC,
+        mode: Mode = Mode.TLS,
         hello_timeout: float = 180.0,
         peer_port: int = 5000,
         pin_peer: PeerPinner,
+        max_pending: int = 256,
+        max_pending_per_client: int = 32,
     ) -> None:
         self._manager = manager
         self._ports = ports
@@ -105,6 +109,8 @@ class LegacyCoordinator:
         self._peer_port = peer_port
         self._pin_peer = pin_peer
         self._pending: dict[str, _Pending] = {}
+        self._max_pending = max_pending
+        self._max_pending_per_client = max_pending_per_client
         self._warned = False
 
     @property
@@ -115,7 +121,7 @@ class LegacyCoordinator:
     # ---- the four calls ------------------------------------------------------------------------
 
     async def request(
-        self, principal: Principal, uid: str, role: str, num_conn: int
+        self, principal: Principal, uid: str, role: str, num_conn: int, client: str = ""
     ) -> tuple[list[str], list[str]]:
         """`req`: registers `uid` for a side, waits for its hello; returns (listeners, prod_listeners)."""
         self._warn_once()
@@ -126,7 +132,7 @@ class LegacyCoordinator:
         entry = self._pending.get(uid)
         if entry is None:
             self._refuse_live(uid)
-            entry = self._new_entry(uid, principal, self._new_future())
+            entry = self._new_entry(uid, principal, client, self._new_future())
         elif entry.side is not None or not principal.may_access(entry.owner):
             raise AlreadyExists(f"uid {uid} is already in use")
         self._cancel_expiry(entry)
@@ -148,7 +154,7 @@ class LegacyCoordinator:
             raise
         return [str(a) for a in listeners], list(hello)
 
-    def hello(self, principal: Principal, uid: str, prod_listeners: list[str]) -> str:
+    def hello(self, principal: Principal, uid: str, prod_listeners: list[str], client: str = "") -> str:
         """`hello`: hands the app's listeners to the waiting req, or keeps them until it comes."""
         _check_uid(uid)
         parse_listeners(prod_listeners, "prod_listener")  # bad input fails here, not in the req
@@ -157,8 +163,9 @@ class LegacyCoordinator:
         if entry is None:
             self._refuse_live(uid)
             future = self._new_future()
+            entry = self._new_entry(uid, principal, client, future)
             future.set_result(listeners)
-            self._expire_later(self._new_entry(uid, principal, future))
+            self._expire_later(entry)
             log.info("legacy hello before its request", uid=uid)
             return f"hello for {uid} registered; waiting for its request"
         if not principal.may_access(entry.owner):
@@ -305,10 +312,29 @@ class LegacyCoordinator:
             if self._live(SYSTEM, session_id_for(uid, side)) is not None:
                 raise AlreadyExists(f"uid {uid} already has a session on this appliance")
 
-    def _new_entry(self, uid: str, principal: Principal, hello: asyncio.Future[tuple[str, ...]]) -> _Pending:
-        entry = _Pending(uid=uid, owner=principal.subject, hello=hello)
+    def _new_entry(
+        self, uid: str, principal: Principal, client: str, hello: asyncio.Future[tuple[str, ...]]
+    ) -> _Pending:
+        self._admit(client)
+        entry = _Pending(uid=uid, owner=principal.subject, client=client, hello=hello)
         self._pending[uid] = entry
         return entry
+
+    def _admit(self, client: str) -> None:
+        """Bounds the uids waiting for their next call: each may hold a call (a req waiting for its
+        hello) or ports for up to `hello_timeout`, so one client, or all, cannot pile them up."""
+        if len(self._pending) >= self._max_pending:
+            raise ResourceExhausted(
+                f"{len(self._pending)} SciStream 1.2.1 uids are already waiting for their next call "
+                "on this appliance; try again later"
+            )
+        waiting = sum(1 for entry in self._pending.values() if entry.client == client)
+        if waiting >= self._max_pending_per_client:
+            raise ResourceExhausted(
+                f"{waiting} SciStream 1.2.1 uids from {client or 'this client'} are already waiting for "
+                "their next call (a req for its hello, a hello for its req, listeners for their update); "
+                "complete or release them first"
+            )
 
     @staticmethod
     def _new_future() -> asyncio.Future[tuple[str, ...]]:

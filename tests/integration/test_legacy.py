@@ -4,10 +4,15 @@ listeners, release and SIGTERM freeing every socket."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
+import random
+import shutil
 import signal
+import stat
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,8 @@ pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 S2UC, S2CS, SCISTREAM = BIN / "s2uc", BIN / "s2cs", BIN / "scistream"
+CLIENT_121 = Path(__file__).parents[1] / "legacy121.py"  # 1.2.1's s2uc flow (grpcio), see that file
+DEFAULT_STATE_BASE = Path("/var/lib/scistream")  # the real default; s2cs uses s2cs-PORT under it
 
 
 def s2uc(facility: Facility, server: str, cert: Path, *args: str, token: str | None = None) -> list[str]:
@@ -198,3 +205,107 @@ async def main():
     channel.close()
 asyncio.run(main())
 """
+
+
+@pytest.fixture
+def default_state_ports() -> Iterator[list[int]]:
+    """Two control ports whose default state directories no one (other runs included) has used; the
+    directories this test makes there are removed afterwards."""
+    base_existed = DEFAULT_STATE_BASE.exists()
+    ports: list[int] = []
+    while len(ports) < 2:
+        port = random.randint(20000, 29999)
+        if port not in ports and not (DEFAULT_STATE_BASE / f"s2cs-{port}").exists():
+            ports.append(port)
+    try:
+        yield ports
+    finally:
+        for port in ports:
+            shutil.rmtree(DEFAULT_STATE_BASE / f"s2cs-{port}", ignore_errors=True)
+        if not base_existed:
+            # Only if empty: another run may be using it by now.
+            with contextlib.suppress(OSError):
+                DEFAULT_STATE_BASE.rmdir()
+
+
+def client_121(facility: Facility, *args: str) -> list[str]:
+    done = facility.run(sys.executable, CLIENT_121, *args, check=False, timeout=60)
+    assert done.returncode == 0, f"1.2.1 s2uc {args[0]} failed: {done.stdout}{done.stderr}"
+    return done.stdout.splitlines()
+
+
+def test_two_s2cs_on_one_host_with_default_state_dirs_serve_the_1_2_1_flow_through_localhost(
+    facility_a: Facility, default_state_ports: list[int]
+) -> None:
+    """1.2.1's quickstart on one host: two s2cs without --state-dir or --port_range, the client on
+    localhost; each gets its own state directory, locked and private."""
+    host = facility_a
+    prod_port, cons_port = default_state_ports
+    logs = [host.workdir / f"s2cs-{p}.log" for p in default_state_ports]
+    producer = host.spawn(S2CS, "--listener_ip", host.wan_ip, "--port", str(prod_port), log=logs[0])
+    peer = ("--peer_port", str(prod_port))  # where it reaches the producer side's control port
+    consumer = host.spawn(S2CS, "--listener_ip", host.wan_ip, "--port", str(cons_port), *peer, log=logs[1])
+    certs = [DEFAULT_STATE_BASE / f"s2cs-{p}" / "tls" / "control.crt" for p in default_state_ports]
+    for process, log, cert, port in zip((producer, consumer), logs, certs, default_state_ports, strict=True):
+
+        def healthy(process: object = process, log: Path = log, cert: Path = cert, port: int = port) -> bool:
+            assert producer.poll() is None and consumer.poll() is None, log.read_text()
+            if not cert.is_file():
+                return False
+            # localhost reaches it (it listens on every address) and its certificate names localhost.
+            args = ["health", "--server", f"localhost:{port}", "--ca", str(cert), "--timeout", "2"]
+            return host.run(SCISTREAM, *args, check=False).returncode == 0
+
+        wait_until(healthy, 20, what=f"s2cs on port {port} to serve on localhost")
+        # Its certificate names the listener address too.
+        args = ["health", "--server", f"{host.wan_ip}:{port}", "--ca", str(cert), "--timeout", "5"]
+        assert host.run(SCISTREAM, *args, check=False).returncode == 0
+        state_dir = cert.parent.parent
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+
+    start_iperf_server(host)
+    inbound = client_121(
+        host,
+        "inbound_request",
+        "--s2cs",
+        f"localhost:{prod_port}",
+        "--server_cert",
+        str(certs[0]),
+        "--remote_ip",
+        "127.0.0.1",
+        "--receiver_ports",
+        str(IPERF_PORT),
+        "--num_conn",
+        "1",
+    )
+    uid = inbound[1].split()[0]
+    producer_listeners = listeners(inbound)
+    assert [a.rsplit(":", 1)[0] for a in producer_listeners] == [host.wan_ip]
+    outbound = client_121(
+        host,
+        "outbound_request",
+        "--s2cs",
+        f"localhost:{cons_port}",
+        "--server_cert",
+        str(certs[1]),
+        "--remote_ip",
+        "127.0.0.1",
+        "--receiver_ports",
+        "6000",
+        "--num_conn",
+        "1",
+        uid,
+        producer_listeners[0],
+    )
+    assert listeners(outbound) == [f"{host.wan_ip}:6000"]
+    report = run_iperf_client(host, "localhost:6000", seconds=2)
+    assert report["end"]["sum_received"]["bits_per_second"] > 0
+
+    # A third s2cs on a port already served stops at once, with one line, and leaves both alone.
+    done = host.run(S2CS, "--listener_ip", host.wan_ip, "--port", str(prod_port), check=False, timeout=30)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and "in use by another appliance" in done.stderr, done.stderr
+    client_121(host, "release", uid, "--s2cs", f"localhost:{cons_port}", "--server_cert", str(certs[1]))
+    for process in (consumer, producer):
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=10) == 0

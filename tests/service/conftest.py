@@ -62,16 +62,16 @@ async def start_facility(tmp_path: Path, name: str, ports: int = 8, **overrides:
         "bob": add_token(tokens_file, "bob", []),
         "root": add_token(tokens_file, "root", ["admin"]),
     }
-    settings = load_settings(
-        listen=f"127.0.0.1:{base}",
-        port_range=f"{base + 1}-{base + ports}",
-        data_bind="127.0.0.1",
-        state_dir=state_dir,
-        auth="tokens",
-        tokens_file=tokens_file,
-        peer_timeout=5.0,
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "listen": f"127.0.0.1:{base}",
+        "port_range": f"{base + 1}-{base + ports}",
+        "data_bind": "127.0.0.1",
+        "state_dir": state_dir,
+        "auth": "tokens",
+        "tokens_file": tokens_file,
+        "peer_timeout": 5.0,
+    }
+    settings = load_settings(**{**fields, **overrides})
     appliance = Appliance(settings)
     await appliance.start()
     return Facility(

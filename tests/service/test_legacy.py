@@ -352,9 +352,56 @@ async def test_a_malformed_prod_listener_is_invalid_argument(pair: Pair) -> None
 
 
 async def test_the_legacy_mode_setting_chooses_the_data_plane(tmp_path: Path, echo_server: str) -> None:
-    async with legacy_pair(tmp_path, legacy_mode="tls") as (a, b):
+    async with legacy_pair(tmp_path, legacy_mode="quic") as (a, b):  # not the default (tls)
         entry_points = await outbound(b, "t", await inbound(a, "t", echo_server))
-        assert await echo_through(entry_points[0], b"over tls") == b"over tls"
+        assert await echo_through(entry_points[0], b"over quic") == b"over quic"
         assert a.appliance.manager is not None
         session = a.appliance.manager.get(SYSTEM, session_id_for("t", Side.PRODUCER))
-        assert session.mode.value == "tls"
+        assert session.mode.value == "quic"
+
+
+async def test_1_2_1_sessions_are_tls_over_tcp_by_default(pair: Pair, echo_server: str) -> None:
+    a, b = pair
+    await outbound(b, "d", await inbound(a, "d", echo_server))
+    for f, side in ((a, Side.PRODUCER), (b, Side.CONSUMER)):
+        assert f.appliance.manager is not None
+        assert f.appliance.manager.get(SYSTEM, session_id_for("d", side)).mode.value == "tls"
+
+
+async def _wait_pending(f: Facility, uids: list[str]) -> None:
+    for _ in range(100):
+        if coordinator(f).pending_uids == uids:
+            return
+        await asyncio.sleep(0.02)
+    assert coordinator(f).pending_uids == uids
+
+
+@pytest.mark.parametrize(
+    ("limits", "why"),
+    [
+        ({"legacy_max_pending_per_client": 2}, "from 127.0.0.1"),
+        ({"legacy_max_pending_per_client": 10, "legacy_max_pending": 2}, "on this appliance"),
+    ],
+)
+async def test_uids_waiting_for_their_next_call_are_bounded_per_client_and_in_all(
+    tmp_path: Path, echo_server: str, limits: dict[str, int], why: str
+) -> None:
+    async with legacy_pair(tmp_path, legacy_hello_timeout=60, **limits) as (a, _), client(a) as stub:
+        requests = [legacy.Request(uid=u, role="PROD") for u in ("w0", "w1")]
+        waiting = [asyncio.create_task(stub.req(r)) for r in requests]
+        await _wait_pending(a, ["w0", "w1"])
+
+        with pytest.raises(GRPCError) as caught:
+            await stub.req(legacy.Request(uid="w2", role="PROD"))
+        assert caught.value.status is Status.RESOURCE_EXHAUSTED
+        assert why in (caught.value.message or "")
+        early = legacy.Hello(uid="w3", prod_listeners=[echo_server])
+        assert await status_of(stub.hello(early)) is Status.RESOURCE_EXHAUSTED
+        assert coordinator(a).pending_uids == ["w0", "w1"]
+
+        # The hello a waiting req needs is never refused, and its answer frees the place.
+        await stub.hello(legacy.Hello(uid="w0", prod_listeners=[echo_server]))
+        assert len((await waiting[0]).listeners) == 1
+        answer = await request_with_hello(stub, "w2", "PROD", [echo_server])
+        assert len(answer.listeners) == 1
+        waiting[1].cancel()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from appliance.auth import parse_authorization
 from appliance.cli.legacy import MOCK_UID, s2cs, s2uc, server_flags
+from appliance.config import load_settings
 from appliance.errors import InvalidArgument
 from appliance.sessions import ticket as tk
 from appliance.sessions.legacy import secret_for, session_id_for
@@ -52,14 +53,22 @@ def _flags(**changes: object) -> dict[str, object]:
         "auth": None,
         "ssl": True,
         "verbose": False,
+        "advertise": None,
+        "state_dir": None,
     }
     options.update(changes)
     return server_flags(**options)  # type: ignore[arg-type]
 
 
-def test_s2cs_proxy_types_mean_the_quic_data_plane() -> None:
+def test_s2cs_proxy_types_mean_the_default_legacy_mode_which_is_tls_over_tcp_like_stunnel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SCISTREAM_LEGACY_MODE", raising=False)
     for kind in ("Haproxy", "Nginx", "StunnelSubprocess", "S2DS"):
-        assert _flags(server_type=kind)["legacy_mode"] == "quic"
+        assert _flags(server_type=kind)["legacy_mode"] is None  # the setting's default decides
+    assert load_settings().legacy_mode == "tls"
+    monkeypatch.setenv("SCISTREAM_LEGACY_MODE", "quic")
+    assert load_settings(**_flags(server_type="Haproxy")).legacy_mode == "quic"
 
 
 def test_s2cs_type_or_mode_may_name_one_of_our_modes() -> None:
@@ -72,10 +81,38 @@ def test_s2cs_refuses_an_unknown_type() -> None:
         _flags(server_type="Squid")
 
 
-def test_s2cs_listens_on_listener_ip_and_port() -> None:
+def test_s2cs_listens_on_every_address_and_advertises_listener_ip_as_1_2_1_does() -> None:
     flags = _flags(listener_ip="10.0.0.1", port=6000, port_range="7000-7010")
-    assert flags["listen"] == "10.0.0.1:6000"
+    assert flags["listen"] == "[::]:6000"
+    assert flags["advertise"] == "10.0.0.1"
     assert flags["port_range"] == "7000-7010"
+    settings = load_settings(**flags)
+    assert settings.advertise_address == "10.0.0.1:6000"
+
+
+def test_s2cs_advertise_wins_over_listener_ip() -> None:
+    assert _flags(listener_ip="10.0.0.1", advertise="gw.example.org")["advertise"] == "gw.example.org"
+    assert _flags(listener_ip="0.0.0.0")["advertise"] is None
+
+
+def test_s2cs_state_dir_defaults_to_one_per_control_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SCISTREAM_STATE_DIR", raising=False)
+    assert _flags(port=5000)["state_dir"] == Path("/var/lib/scistream/s2cs-5000")
+    assert _flags(port=6000)["state_dir"] == Path("/var/lib/scistream/s2cs-6000")
+    assert _flags(port=6000, state_dir=Path("/tmp/x"))["state_dir"] == Path("/tmp/x")
+
+
+def test_s2cs_state_dir_from_the_environment_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCISTREAM_STATE_DIR", "/srv/s2cs")
+    assert _flags(port=6000)["state_dir"] is None
+    assert load_settings(**_flags(port=6000)).state_dir == Path("/srv/s2cs")
+
+
+def test_scistream_server_state_dir_default_is_still_var_lib_scistream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SCISTREAM_STATE_DIR", raising=False)
+    assert load_settings().state_dir == Path("/var/lib/scistream")
 
 
 def test_s2cs_without_client_secret_checks_no_token_as_in_1_2_1() -> None:
