@@ -18,6 +18,7 @@ from appliance.dataplane.wireguard.pool import parse_pool
 from appliance.errors import InvalidArgument
 from appliance.sessions.model import Address
 from appliance.sessions.ports import PortRange
+from quic_relay import RelayConfig
 
 DEFAULT_CONTROL_PORT = 5000
 DEFAULT_PORT_RANGE = "5100-5200"
@@ -67,6 +68,8 @@ class Settings(BaseSettings):
     peer_grace: float = Field(default=60.0, gt=0)
     # TLS mode's relay processes; 0 = one per core.
     workers: int = Field(default=0, ge=0)
+    # QUIC mode: largest QUIC packet (UDP payload) path MTU discovery may raise to; 1200 turns it off.
+    quic_max_packet_size: int = Field(default=RelayConfig.max_datagram_size, ge=1200, le=65507)
     # SciStream 1.2.1 protocol (scistream.Control): the data plane its sessions use, how long a `req`
     # waits for its hello, the control port of producer appliances, and a CA file for their certificates
     # (unset: accepted on first use, as 1.2.1 does).

@@ -164,6 +164,11 @@ def cli() -> None:
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--workers", type=click.IntRange(min=0), help="TLS mode relay processes [0: one per core].")
 @click.option(
+    "--quic-max-packet-size",
+    type=click.IntRange(min=1200, max=65507),
+    help="QUIC mode: cap of path MTU discovery, in bytes of UDP payload [8952; 1200: no discovery].",
+)
+@click.option(
     "--wireguard-backend",
     type=click.Choice(["auto", "kernel", "userspace"]),
     help="WireGuard mode's backend [auto: kernel if it works, else wireguard-go].",

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import signal
 import socket
+from dataclasses import replace
 from importlib import resources
 
 import structlog
@@ -48,9 +49,12 @@ def _descriptor_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def build_drivers(workers: int = 0) -> dict[Mode, Driver]:
-    quic, tls = QuicDriver(), TlsDriver(workers)
-    fallback = AutoDriver(QuicDriver(RelayConfig(handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
+def build_drivers(
+    workers: int = 0, quic_max_packet_size: int = RelayConfig.max_datagram_size
+) -> dict[Mode, Driver]:
+    quic_config = RelayConfig(max_datagram_size=quic_max_packet_size)
+    quic, tls = QuicDriver(quic_config), TlsDriver(workers)
+    fallback = AutoDriver(QuicDriver(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
 
@@ -63,7 +67,7 @@ class Appliance:
         self.manager: SessionManager | None = None
         self.legacy: LegacyCoordinator | None = None
         self._store: SessionStore | None = None
-        self._drivers = build_drivers(settings.workers)
+        self._drivers = build_drivers(settings.workers, settings.quic_max_packet_size)
         self._state_lock: StateDirLock | None = None
         self._manager_started = self._serving = False
         self.fingerprint = ""

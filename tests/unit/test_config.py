@@ -70,3 +70,18 @@ def test_rates(text: str, bps: int) -> None:
 def test_bad_duration_is_invalid_argument(text: str) -> None:
     with pytest.raises(InvalidArgument):
         parse_duration(text)
+
+
+def test_quic_max_packet_size_caps_path_mtu_discovery_in_both_quic_drivers() -> None:
+    from appliance.control.server import build_drivers
+    from appliance.sessions.model import Mode
+
+    settings = load_settings(quic_max_packet_size=1452)
+    drivers = build_drivers(settings.workers, settings.quic_max_packet_size)
+    assert drivers[Mode.QUIC]._config.max_datagram_size == 1452  # type: ignore[attr-defined]
+    assert drivers[Mode.AUTO]._quic._config.max_datagram_size == 1452  # type: ignore[attr-defined]
+
+
+def test_quic_max_packet_size_below_the_quic_minimum_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="quic_max_packet_size"):
+        load_settings(quic_max_packet_size=1000)
