@@ -10,6 +10,7 @@ from .topology import (
     Appliance,
     Facility,
     Topology,
+    drop_arriving,
     run_iperf_client,
     start_iperf_server,
     wait_until,
@@ -32,15 +33,7 @@ def drop_udp_larger_than(facility: Facility, length: int) -> None:
     first, as it does for a real NIC, so the rule sees the datagrams that would be on the wire.
     """
     facility.run("ip", "link", "set", "wan", "gso_max_segs", "1")
-    facility.run("nft", "add", "table", "inet", "scistream_mtu")
-    facility.run(
-        "nft", "add", "chain", "inet", "scistream_mtu", "input",
-        "{ type filter hook input priority 0 ; policy accept ; }",
-    )  # fmt: skip
-    facility.run(
-        "nft", "add", "rule", "inet", "scistream_mtu", "input",
-        "iifname", "wan", "meta", "l4proto", "udp", "meta", "length", "gt", str(length), "drop",
-    )  # fmt: skip
+    drop_arriving(facility, "scistream_mtu", "meta", "length", "gt", str(length))
 
 
 def open_quic_session(a: Appliance, b: Appliance) -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ from .topology import (
     Appliance,
     Facility,
     assert_upload_counted,
+    drop_arriving,
     run_iperf_client,
     split_address,
     start_iperf_server,
@@ -246,22 +247,4 @@ def test_auto_mode_uses_quic_when_udp_passes(
 
 def block_udp(facility: Facility) -> None:
     """nftables in `facility` drops every UDP packet arriving over the wan link (a UDP-blocking firewall)."""
-    facility.run("nft", "add", "table", "inet", "scistream_test")
-    facility.run(
-        "nft", "add", "chain", "inet", "scistream_test", "input",
-        "{ type filter hook input priority 0 ; policy accept ; }",
-    )  # fmt: skip
-    facility.run(
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "scistream_test",
-        "input",
-        "iifname",
-        "wan",
-        "meta",
-        "l4proto",
-        "udp",
-        "drop",
-    )
+    drop_arriving(facility, "scistream_test")

@@ -521,6 +521,18 @@ def send_garbage_datagrams(facility: Facility, target: str, count: int = 200) ->
     facility.run(sys.executable, "-c", script)
 
 
+def drop_arriving(facility: Facility, table: str, *match: str) -> None:
+    """nftables in `facility` drops UDP packets arriving over the wan link that also match `match`
+    (nft expressions; none: every UDP packet), in a table of their own."""
+    facility.run("nft", "add", "table", "inet", table)
+    facility.run(
+        "nft", "add", "chain", "inet", table, "input",
+        "{ type filter hook input priority 0 ; policy accept ; }",
+    )  # fmt: skip
+    facility.run("nft", "add", "rule", "inet", table, "input", "iifname", "wan",
+                 "meta", "l4proto", "udp", *match, "drop")  # fmt: skip
+
+
 def have_tools() -> str | None:
     """None when the integration tests can run here, else why not."""
     if os.geteuid() != 0:
