@@ -15,6 +15,7 @@ from grpclib.server import Server
 
 from appliance.auth import build_authenticator
 from appliance.config import Settings
+from appliance.control.edge import guard
 from appliance.control.legacy import LegacyControlService, pin_peer_certificate
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
@@ -111,7 +112,7 @@ class Appliance:
         legacy = LegacyControlService(self.legacy)
         health = Health({control: [], peer: []})
         services = ServerReflection.extend([control, peer, legacy, health], pool=_descriptor_pool())
-        self.server = Server(services)
+        self.server = Server(guard(services))
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
         await self.manager.start()
         address = s.listen_address
