@@ -20,6 +20,19 @@ def test_credentials_are_replaced(text: str) -> None:
     assert TOKEN not in out and JWT not in out
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in (*PROTOCOL_LOGGERS, "hpack.hpack")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_a_third_party_debug_line_with_a_token_is_redacted_or_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
