@@ -145,7 +145,10 @@ def check_wire(data: bytes, cls: type[betterproto.Message], depth: int = 0) -> N
             _check_varint(name, proto_type, value)
             items = 1
         elif wire != expected:
-            if wire != _WIRE_LEN or proto_type not in betterproto.PACKED_TYPES:
+            # A packed list is a repeated field's only other form; betterproto would also unpack one
+            # into a single-valued field and hand the handler a list where it declared an int.
+            repeated = isinstance(meta.default_gen[name](), list)
+            if wire != _WIRE_LEN or proto_type not in betterproto.PACKED_TYPES or not repeated:
                 raise Malformed(f"{name} has the wrong wire type")
             items = _check_packed(name, proto_type, value)
         else:

@@ -26,6 +26,7 @@ from appliance.dataplane.quic import QuicDriver
 from appliance.dataplane.tls import TlsDriver
 from appliance.dataplane.wireguard import build_driver as build_wireguard_driver
 from appliance.errors import Unavailable
+from appliance.looplag import LoopLagMonitor
 from appliance.metrics import serve_metrics
 from appliance.sessions.legacy import LegacyCoordinator
 from appliance.sessions.manager import Identity, PeerLink, SessionManager
@@ -63,6 +64,7 @@ class Appliance:
         self._store: SessionStore | None = None
         self._drivers = build_drivers(settings.workers)
         self.fingerprint = ""
+        self.loop_lag = LoopLagMonitor()
 
     async def start(self) -> None:
         s = self.settings
@@ -114,15 +116,17 @@ class Appliance:
         services = ServerReflection.extend([control, peer, legacy, health], pool=_descriptor_pool())
         self.server = Server(guard(services))
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
+        self.loop_lag.start()
         await self.manager.start()
         address = s.listen_address
         try:
             await self.server.start(address.host, address.port, ssl=ssl_context, reuse_address=True)
         except OSError as exc:
             await self.manager.stop()
+            await self.loop_lag.stop()
             raise Unavailable(f"cannot listen on {address}: {exc.strerror}") from None
         if s.metrics_port:
-            serve_metrics(self.manager, address.host, s.metrics_port)
+            serve_metrics(self.manager, address.host, s.metrics_port, self.loop_lag)
         log.info(
             "appliance serving",
             listen=str(address),
@@ -144,7 +148,8 @@ class Appliance:
             await driver.close()
         if self._store is not None:
             self._store.close()
-        log.info("appliance stopped")
+        await self.loop_lag.stop()
+        log.info("appliance stopped", loop_lag_max_ms=round(self.loop_lag.stats.max * 1000))
 
 
 def _legacy_coordinator(s: Settings, manager: SessionManager, ports: PortAllocator) -> LegacyCoordinator:

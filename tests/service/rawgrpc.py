@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from h2.exceptions import StreamClosedError
 
 from appliance.control.tls import ca_context
 
@@ -51,10 +53,12 @@ async def raw_call(
     *,
     token: str | None = None,
     framed: bool = False,
+    streaming: bool = False,
     timeout: float = 120,
 ) -> Answer:
     """Calls `method` with `data` as the message body (or, with `framed`, as the whole request stream,
-    prefix included) and returns the status the appliance answered."""
+    prefix included) and returns the status the appliance answered. With `streaming` (a method that
+    answers with a stream) the first message counts as OK and the call is cancelled there."""
     metadata = {"authorization": f"Bearer {token}"} if token else None
     try:
         async with channel.request(
@@ -64,9 +68,14 @@ async def raw_call(
                 await stream.send_request()
                 # grpclib has no public way to send a body whose prefix lies: write the DATA frame.
                 await stream._stream.send_data(data, end_stream=True)
+                stream._end_done = True
             else:
                 await stream.send_message(data, end=True)
-            await stream.recv_message()
+            first = await stream.recv_message()
+            if streaming and first is not None:
+                with contextlib.suppress(StreamClosedError):  # the server may have ended it already
+                    await stream.cancel()
+                return Answer(Status.OK, "")
             await stream.recv_trailing_metadata()
     except GRPCError as exc:
         return Answer(exc.status, exc.message or "")

@@ -143,6 +143,8 @@ async def test_a_malformed_frame_is_invalid_argument(
         (CREATE, field(1, 2, b"\x0b127.0.0.1:9") + field(6, 0, varint(2**64 - 1))),
         # a string field as a fixed64
         (CHALLENGE, field(1, 1, b"\x00" * 8)),
+        # a single uint32 sent as a packed list: betterproto would make num_conn a list
+        (CREATE, field(1, 2, b"\x0b127.0.0.1:9") + field(4, 2, b"\x02\x01\x02")),
     ],
     ids=[
         "dest-varint",
@@ -152,6 +154,7 @@ async def test_a_malformed_frame_is_invalid_argument(
         "leave-id-huge",
         "ttl-64bit",
         "id-fixed",
+        "packed-num-conn",
     ],
 )
 async def test_a_wrong_wire_type_is_invalid_argument_and_changes_nothing(
