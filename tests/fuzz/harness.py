@@ -179,7 +179,7 @@ class Session:
     ticket: str
 
 
-@dataclass
+@dataclass(repr=False)
 class World:
     a: ApplianceProcess
     b: ApplianceProcess
@@ -189,6 +189,9 @@ class World:
     channels: dict[str, Channel]
     sessions: dict[str, Session]
     pending_ticket: str  # of a PENDING session at A, for the mutated tickets
+
+    def __repr__(self) -> str:  # Hypothesis prints the fixture with every falsifying example
+        return f"World(a={self.a.address}, b={self.b.address})"
 
     def call(self, appliance: ApplianceProcess, method: str, body: bytes, **kw: Any) -> Answer:
         """One raw gRPC call, counted; the answer's status is recorded."""
