@@ -8,6 +8,7 @@ import asyncio
 import bisect
 import contextlib
 import threading
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -68,9 +69,13 @@ class LoopLagMonitor:
         loop = asyncio.get_running_loop()
         while True:
             expected = loop.time() + self.interval
+            cpu = time.thread_time()
             await asyncio.sleep(self.interval)
             lag = max(0.0, loop.time() - expected)
             with self.lock:
                 self.stats.observe(lag)
             if lag > WARN_AFTER:
-                log.warning("event loop blocked", lag_ms=round(lag * 1000))
+                # The loop thread's CPU time over the same span tells a stall we caused (CPU close to
+                # the lag) from one the host caused (little CPU: the process was waiting to be scheduled).
+                cpu_ms = round((time.thread_time() - cpu) * 1000)
+                log.warning("event loop blocked", lag_ms=round(lag * 1000), loop_cpu_ms=cpu_ms)

@@ -46,6 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 f"crashes: {sum(not p.alive() for p in (w.a, w.b))}; tracebacks in logs: "
                 f"{sum(len(p.tracebacks()) for p in (w.a, w.b))}",
                 "max event-loop lag: " + ", ".join(f"{n} {lag * 1000:.0f} ms" for n, lag in lags.items()),
+                *(f"stalls over 100 ms at {p.name}: {p.stalls()}" for p in (w.a, w.b) if p.stalls()),
             ]
         )
         assert not w.tally.forbidden, w.tally.forbidden[:20]

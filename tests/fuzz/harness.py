@@ -132,6 +132,11 @@ class ApplianceProcess:
     def tracebacks(self) -> list[str]:
         return [line[:300] for line in self.log_text().splitlines() if TRACEBACK.search(line)]
 
+    def stalls(self) -> list[str]:
+        """The appliance's `event loop blocked` warnings (lag over 100 ms), as lag/CPU pairs."""
+        found = re.findall(r'"lag_ms": (\d+), "loop_cpu_ms": (\d+)', self.log_text())
+        return [f"{lag} ms (loop CPU {cpu} ms)" for lag, cpu in found]
+
     def loop_lag_max(self) -> float:
         """The appliance's own measurement: the largest event-loop lag since it started, in seconds."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
