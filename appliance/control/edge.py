@@ -24,6 +24,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from appliance.errors import ApplianceError, Internal, InvalidArgument, ResourceExhausted, to_grpc
+from appliance.sessions.manager import MAX_NUM_CONN
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +34,9 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TEXT = 1024
 """Default bound of a string or bytes field, in bytes."""
 
-MAX_ITEMS = 256
-"""Default bound of a repeated field, in items."""
+MAX_ITEMS = MAX_NUM_CONN
+"""Bound of a repeated field, in items: one per connection at most (TLS mode has a data endpoint per
+connection, and 1.2.1's listeners follow them), and connections are at most MAX_NUM_CONN."""
 
 # Fields whose bound differs from MAX_TEXT, by name (the same name means the same thing in every message).
 _LIMITS: dict[str, int] = {
@@ -44,6 +46,7 @@ _LIMITS: dict[str, int] = {
     "ticket": 4096,
     "data_certificate": 16 * 1024,
     "destinations": 16 * 1024,  # one item may list several, comma-separated
+    "reason": 4096,  # a Leave's reason, which quotes an error of the peer appliance
 }
 
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
