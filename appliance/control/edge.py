@@ -129,9 +129,9 @@ def _check_packed(name: str, proto_type: str, payload: bytes) -> int:
     return count
 
 
-def check_wire(data: bytes, cls: type[betterproto.Message], depth: int = 0) -> None:
+def check_wire(data: bytes, cls: type[betterproto.Message], depth: int = 0, *, bounded: bool = True) -> None:
     """Raises InvalidArgument unless `data` is a well-formed `cls` whose known fields carry the wire
-    types the schema declares and whose strings, bytes and lists are within their bounds."""
+    types the schema declares and (with `bounded`) whose strings, bytes and lists are within bounds."""
     if depth > _MAX_DEPTH:
         raise Malformed("nested too deep")
     meta: Any = cls._betterproto  # type: ignore[arg-type]  # betterproto's classproperty is mistyped
@@ -156,23 +156,24 @@ def check_wire(data: bytes, cls: type[betterproto.Message], depth: int = 0) -> N
             items = _check_packed(name, proto_type, value)
         else:
             items = 1
-            if proto_type in (betterproto.TYPE_STRING, betterproto.TYPE_BYTES):
+            if bounded and proto_type in (betterproto.TYPE_STRING, betterproto.TYPE_BYTES):
                 limit = _LIMITS.get(name, MAX_TEXT)
                 if len(value) > limit:
                     raise InvalidArgument(f"{name} is {len(value)} bytes; at most {limit} are accepted")
             elif proto_type == betterproto.TYPE_MESSAGE:
                 nested = meta.cls_by_field[name]
                 if isinstance(nested, type) and issubclass(nested, betterproto.Message):
-                    check_wire(value, nested, depth + 1)
+                    check_wire(value, nested, depth + 1, bounded=bounded)
         counts[name] = counts.get(name, 0) + items
-        if counts[name] > MAX_ITEMS:
+        if bounded and counts[name] > MAX_ITEMS:
             raise InvalidArgument(f"{name} has more than {MAX_ITEMS} items")
 
 
-def decode(data: bytes, cls: type[Any]) -> Any:
-    """A request message from its body; InvalidArgument for anything that is not a valid `cls`."""
+def decode(data: bytes, cls: type[Any], *, bounded: bool = True) -> Any:
+    """A message from its body; InvalidArgument for anything that is not a valid `cls`. Requests are
+    `bounded`; answers from other appliances are checked for their wire types only."""
     if isinstance(cls, type) and issubclass(cls, betterproto.Message):
-        check_wire(data, cls)
+        check_wire(data, cls, bounded=bounded)
     try:
         return cls.FromString(data)
     except Exception:  # whatever the parser raises, the cause is the bytes we were sent
