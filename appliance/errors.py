@@ -7,6 +7,12 @@ Every error a user can cause is one of these; the control services turn them int
 from __future__ import annotations
 
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+# A status message goes out in the `grpc-message` header, which grpclib's pure-Python hpack encodes
+# on the event loop: an error that echoed a 1 MB field froze the appliance for a minute. No message
+# leaves longer than this, whatever it quotes.
+MAX_STATUS_MESSAGE = 300
 
 
 class ApplianceError(Exception):
@@ -79,3 +85,11 @@ _BY_STATUS: dict[Status, type[ApplianceError]] = {
 def from_status(status: Status, message: str) -> ApplianceError:
     """The exception matching a gRPC status received from another appliance."""
     return _BY_STATUS.get(status, Internal)(message)
+
+
+def to_grpc(exc: ApplianceError) -> GRPCError:
+    """The gRPC error a client receives for `exc`: its status, and its message cut to a bounded size."""
+    message = exc.message
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = message[: MAX_STATUS_MESSAGE - 15] + "… (truncated)"
+    return GRPCError(exc.status, message)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from grpclib.client import Channel
+from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from appliance.control.tls import ca_context, pinned_context
@@ -28,7 +29,9 @@ class Trust:
     insecure: bool = False  # plaintext control channel (development only)
 
 
-async def open_channel(address: str, trust: Trust, timeout: float = 10.0) -> Channel:
+async def open_channel(
+    address: str, trust: Trust, timeout: float = 10.0, codec: CodecBase | None = None
+) -> Channel:
     target = Address.parse(address, what="appliance address")
     context: ssl.SSLContext | None = None
     if trust.insecure:
@@ -40,7 +43,7 @@ async def open_channel(address: str, trust: Trust, timeout: float = 10.0) -> Cha
     else:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         context.set_alpn_protocols(["h2"])
-    return Channel(target.host, target.port, ssl=context)
+    return Channel(target.host, target.port, ssl=context, codec=codec)
 
 
 @asynccontextmanager

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from grpclib.client import Channel
+from grpclib.encoding.proto import ProtoCodec
 
 from appliance.api.scistream import v1 as api
 from appliance.control.channel import Trust, call, open_channel
+from appliance.control.edge import decode
+from appliance.errors import FailedPrecondition, InvalidArgument
+
+
+class CheckedAnswers(ProtoCodec):
+    """Decodes another appliance's answers with the edge's wire-type checks: a hostile producer (a
+    ticket can name any address) must not hand our session manager an int where it expects a str."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return decode(data, message_type, bounded=False)
+        except InvalidArgument as exc:
+            raise FailedPrecondition(f"the peer appliance sent a malformed answer ({exc.message})") from None
 
 
 class GrpcPeerLink:
@@ -20,7 +36,8 @@ class GrpcPeerLink:
     async def _stub(self) -> api.PeerStub:
         if self._channel is None:
             self._channel = await call(
-                open_channel(self._address, self._trust, self._timeout), f"appliance {self._address}"
+                open_channel(self._address, self._trust, self._timeout, CheckedAnswers()),
+                f"appliance {self._address}",
             )
         return api.PeerStub(self._channel, timeout=self._timeout)
 

@@ -18,6 +18,7 @@ from grpclib.server import Server
 
 from appliance.auth import build_authenticator
 from appliance.config import WILDCARDS, Settings
+from appliance.control.edge import guard
 from appliance.control.legacy import LegacyControlService, pin_peer_certificate, remember_client
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
@@ -28,6 +29,7 @@ from appliance.dataplane.quic import QuicDriver
 from appliance.dataplane.tls import TlsDriver
 from appliance.dataplane.wireguard import build_driver as build_wireguard_driver
 from appliance.errors import Unavailable
+from appliance.looplag import LoopLagMonitor
 from appliance.metrics import serve_metrics
 from appliance.sessions.legacy import LegacyCoordinator
 from appliance.sessions.manager import Identity, PeerLink, SessionManager
@@ -71,6 +73,7 @@ class Appliance:
         self._state_lock: StateDirLock | None = None
         self._manager_started = self._serving = False
         self.fingerprint = ""
+        self.loop_lag = LoopLagMonitor()
 
     async def start(self) -> None:
         # First of all: an appliance that cannot have its state directory to itself must touch nothing
@@ -130,9 +133,10 @@ class Appliance:
         legacy = LegacyControlService(self.legacy)
         health = Health({control: [], peer: []})
         services = ServerReflection.extend([control, peer, legacy, health], pool=_descriptor_pool())
-        self.server = Server(services)
+        self.server = Server(guard(services))
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
         listen(self.server, RecvRequest, remember_client)
+        self.loop_lag.start()
         await self.manager.start()
         self._manager_started = True
         address = s.listen_address
@@ -145,7 +149,7 @@ class Appliance:
             raise Unavailable(f"cannot listen on {address}: {exc.strerror}") from None
         self._serving = True
         if s.metrics_port:
-            serve_metrics(self.manager, address.host, s.metrics_port)
+            serve_metrics(self.manager, address.host, s.metrics_port, self.loop_lag)
         log.info(
             "appliance serving",
             listen=str(address),
@@ -157,7 +161,7 @@ class Appliance:
 
     async def stop(self) -> None:
         await self._teardown()
-        log.info("appliance stopped")
+        log.info("appliance stopped", loop_lag_max_ms=round(self.loop_lag.stats.max * 1000))
 
     async def _teardown(self) -> None:
         """Stops what `start` got to (also after a failed start), then releases the state directory."""
@@ -174,6 +178,7 @@ class Appliance:
             await driver.close()
         if self._store is not None:
             self._store.close()
+        await self.loop_lag.stop()
         if self._state_lock is not None:
             self._state_lock.release()  # last: everything that used the directory is done
             self._state_lock = None

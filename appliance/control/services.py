@@ -14,7 +14,7 @@ from grpclib.exceptions import GRPCError
 
 from appliance.api.scistream import v1 as api
 from appliance.auth import Authenticator, Principal
-from appliance.errors import ApplianceError, InvalidArgument
+from appliance.errors import ApplianceError, InvalidArgument, to_grpc
 from appliance.sessions.convert import mode_from_api, protocol_from_api, session_to_api
 from appliance.sessions.manager import SessionManager
 from appliance.sessions.model import parse_destinations
@@ -44,7 +44,7 @@ def authenticate_calls(authenticator: Authenticator) -> Callable[[RecvRequest], 
         try:
             principal = await authenticator.authenticate(value if isinstance(value, str) else None)
         except ApplianceError as exc:
-            raise GRPCError(exc.status, exc.message) from None
+            raise to_grpc(exc) from None
         # Same task as the handler, so the handler sees this value.
         _principal.set(principal)
 
@@ -59,7 +59,7 @@ def grpc_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Non
         try:
             return await handler(*args, **kwargs)
         except ApplianceError as exc:
-            raise GRPCError(exc.status, exc.message) from None
+            raise to_grpc(exc) from None
         except GRPCError:
             raise
         except Exception:
@@ -125,7 +125,7 @@ class ControlService(api.ControlBase):
             async for session in self._manager.watch(current_principal(), request.session_id, interval):
                 yield session_to_api(session)
         except ApplianceError as exc:
-            raise GRPCError(exc.status, exc.message) from None
+            raise to_grpc(exc) from None
 
 
 class PeerService(api.PeerBase):

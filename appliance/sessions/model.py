@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -70,21 +71,59 @@ class Address:
 
     @classmethod
     def parse(cls, text: str, *, what: str = "address") -> Address:
-        """Parses `host:port` or `[v6]:port`; raises InvalidArgument with a message naming `what`."""
+        """Parses `host:port` or `[v6]:port`; raises InvalidArgument with a message naming `what`.
+
+        The host is an IPv4 or IPv6 literal or an RFC 1123 hostname; the port is 1-65535 written in
+        canonical decimal (no sign, no leading zero). The message quotes at most 80 characters of `text`.
+        """
         text = text.strip()
-        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9._-]+):(\d{1,5})", text)
+        shown = text if len(text) <= 80 else text[:80] + "…"
+        match = _HOST_PORT.fullmatch(text) if len(text) <= _MAX_ADDRESS else None
         if not match:
-            raise InvalidArgument(f"{what} {text!r} is not HOST:PORT")
-        host = match.group(1) or match.group(3)
-        port = int(match.group(2) or match.group(4))
-        if not 1 <= port <= 65535:
-            raise InvalidArgument(f"{what} {text!r} has port {port}, outside 1-65535")
-        return cls(host, port)
+            raise InvalidArgument(f"{what} {shown!r} is not HOST:PORT")
+        host, port_text = match.group(1) or match.group(3), match.group(2) or match.group(4)
+        if not _valid_port(port_text):
+            raise InvalidArgument(f"{what} {shown!r} has port {port_text}, not a number in 1-65535")
+        if not _valid_host(host, bracketed=match.group(1) is not None):
+            raise InvalidArgument(f"{what} {shown!r} has no valid IP address or hostname")
+        return cls(host, int(port_text))
+
+
+MAX_DESTINATIONS = 256
+"""Destinations one session may have (a larger list is refused, not truncated)."""
+
+_MAX_ADDRESS = 300  # a 253-character hostname, brackets, colon and port
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _valid_port(text: str) -> bool:
+    return text.isdigit() and not text.startswith("0") and len(text) <= 5 and int(text) <= 65535
+
+
+def _valid_host(host: str, *, bracketed: bool) -> bool:
+    if bracketed:
+        try:
+            return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            return False
+    if re.fullmatch(r"[0-9.]+", host):  # only digits and dots: meant as IPv4, so it must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
 
 
 def parse_destinations(values: list[str]) -> list[Address]:
-    """Destinations from a list whose items may themselves be comma-separated."""
-    items = [part for value in values for part in value.split(",") if part.strip()]
+    """Destinations from a list whose items may themselves be comma-separated; at most MAX_DESTINATIONS."""
+    items: list[str] = []
+    for value in values:
+        items += [part for part in value.split(",") if part.strip()]
+        if len(items) > MAX_DESTINATIONS:
+            raise InvalidArgument(f"a session has at most {MAX_DESTINATIONS} destinations")
     if not items:
         raise InvalidArgument("at least one destination HOST:PORT is required")
     return [Address.parse(item, what="destination") for item in items]

@@ -3,7 +3,7 @@
 import pytest
 
 from appliance.errors import InvalidArgument
-from appliance.sessions.model import Address, parse_destinations
+from appliance.sessions.model import MAX_DESTINATIONS, Address, parse_destinations
 
 
 def test_host_port_parses() -> None:
@@ -29,3 +29,41 @@ def test_destinations_may_be_comma_separated_and_repeated() -> None:
 def test_no_destination_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="at least one destination"):
         parse_destinations(["", " , "])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "256.256.256.256:80",
+        "1.2.3.4:00080",
+        "1.2.3:80",
+        "[fd00::1::2]:80",
+        "-host:80",
+        "host-:80",
+        "a..b:80",
+        f"{'a' * 64}.example:80",
+        "host_name:80",
+        "1.2.3.4:0",
+    ],
+)
+def test_destination_must_be_an_address_or_a_hostname_with_a_canonical_port(text: str) -> None:
+    with pytest.raises(InvalidArgument):
+        Address.parse(text, what="destination")
+
+
+@pytest.mark.parametrize(
+    "text", ["192.0.2.1:1", "[2001:db8::1]:65535", "data-1.example.org:5074", "localhost:80", "a:9"]
+)
+def test_valid_addresses_and_hostnames_parse(text: str) -> None:
+    assert str(Address.parse(text, what="destination")) == text
+
+
+def test_more_destinations_than_the_cap_are_invalid_argument() -> None:
+    parse_destinations([f"10.0.0.1:{port}" for port in range(1, MAX_DESTINATIONS + 1)])
+    with pytest.raises(InvalidArgument, match="at most"):
+        parse_destinations([",".join(f"10.0.0.1:{port}" for port in range(1, MAX_DESTINATIONS + 2))])
+
+
+def test_ten_thousand_destinations_are_refused_before_they_are_parsed() -> None:
+    with pytest.raises(InvalidArgument, match="at most"):
+        parse_destinations(["10.0.0.1:80"] * 10_000)

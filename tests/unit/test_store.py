@@ -1,5 +1,6 @@
 """The SQLite session store: durable records, secrets kept 0600 and dropped when a session ends."""
 
+import os
 import stat
 from pathlib import Path
 
@@ -59,3 +60,20 @@ def test_ended_records_are_purged_after_retention(tmp_path: Path) -> None:
 
 def test_unknown_session_is_none(tmp_path: Path) -> None:
     assert SessionStore(tmp_path / "db").get("nope") is None
+
+
+def test_secrets_of_an_ended_session_are_gone_from_the_database_and_its_wal(tmp_path: Path) -> None:
+    """An attacker who reads the state directory after a release finds no secret: not in the table,
+    not in a free page, not in the write-ahead log."""
+    secret = os.urandom(32)
+    key = b"-----BEGIN PRIVATE KEY-----" + os.urandom(24).hex().encode()
+    store = SessionStore(tmp_path / "sessions.db")
+    store.put(_session(), SessionSecrets(secret=secret, cert_pem=b"cert", key_pem=key, server_name="s1"))
+    store.put(_session().transition(State.RELEASED))
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("sessions.db")]
+    assert files
+    for path in files:
+        raw = path.read_bytes()
+        for needle in (secret, secret.hex().encode(), key, key.hex().encode()):
+            assert needle not in raw, f"a secret of the released session is still in {path.name}"
+    store.close()
