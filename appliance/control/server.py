@@ -45,8 +45,14 @@ def _descriptor_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def build_drivers(workers: int = 0) -> dict[Mode, Driver]:
-    quic, tls = QuicDriver(), TlsDriver(workers)
+def tls_probe_interval(peer_grace: float) -> float:
+    """How often an idle TLS-mode consumer side shows itself to its producer side: often enough that
+    a peer with the same `--peer-grace` sees it several times per grace period."""
+    return min(10.0, max(0.2, peer_grace / 4))
+
+
+def build_drivers(workers: int = 0, peer_grace: float = 60.0) -> dict[Mode, Driver]:
+    quic, tls = QuicDriver(), TlsDriver(workers, probe_interval=tls_probe_interval(peer_grace))
     fallback = AutoDriver(QuicDriver(RelayConfig(handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
@@ -60,7 +66,7 @@ class Appliance:
         self.manager: SessionManager | None = None
         self.legacy: LegacyCoordinator | None = None
         self._store: SessionStore | None = None
-        self._drivers = build_drivers(settings.workers)
+        self._drivers = build_drivers(settings.workers, settings.peer_grace)
         self.fingerprint = ""
 
     async def start(self) -> None:
