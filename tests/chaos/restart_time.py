@@ -1,8 +1,10 @@
 """Measures how long a consumer-side appliance takes from start to SERVING with N sessions whose
-producer side is gone (issue 12, defect 6): `.venv/bin/python -m tests.chaos.restart_time [N]`.
+producer side is gone (issue 12, defect 6). Not a test: a measurement.
 
-Two appliances in this process on 127.0.0.1; N QUIC sessions; the producer side stops; the consumer
-side restarts and the time until `health` answers SERVING is printed. Not a test: a measurement."""
+    .venv/bin/python -m tests.chaos.restart_time [N]          in-process appliances on 127.0.0.1
+    .venv/bin/python -m tests.chaos.restart_time N --netns    `scistream server` processes in network
+                                                              namespaces (root), start to `scistream health`
+"""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from pathlib import Path
 
 from appliance.api.scistream import v1 as api
 from appliance.control.server import Appliance
+from tests.integration import topology as topo
 from tests.service.conftest import start_facility
 
 
-async def main(count: int) -> None:
+async def in_process(count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         echo = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         dest = f"127.0.0.1:{echo.sockets[0].getsockname()[1]}"
@@ -38,12 +41,43 @@ async def main(count: int) -> None:
         took = time.monotonic() - began
         active = sum(1 for s in listed if s.state == api.State.ACTIVE)
         print(
-            f"{count} sessions with their producer side gone: SERVING={serving} after {took:.2f} s; "
-            f"{active} still ACTIVE (retried until --peer-grace)"
+            f"in-process: {count} sessions with their producer side gone: SERVING={serving} after "
+            f"{took:.2f} s; {active} still ACTIVE (retried until --peer-grace)"
         )
         await b.appliance.stop()
         echo.close()
 
 
+def in_namespaces(count: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        topology = topo.create_topology(Path(tmp))
+        try:
+            span = f"5100-{5100 + count + 10}"
+            a, b = topo.Appliance(topology.a, port_range=span), topo.Appliance(topology.b, port_range=span)
+            topo.start_appliances(a, b)
+            for _ in range(count):
+                producer = a.json("inbound", "--dest", "127.0.0.1:7000")
+                b.json("outbound", producer["ticket"])
+            a.stop()
+            b.stop()
+            began = time.monotonic()
+            b.start(timeout=120)  # spawn, then `scistream health` until SERVING
+            took = time.monotonic() - began
+            states = [s["state"] for s in b.sessions()]
+            print(
+                f"processes in namespaces: {count} sessions with their producer side gone: healthy "
+                f"{took:.2f} s after spawn (interpreter start and health polling included); "
+                f"{states.count('ACTIVE')} still ACTIVE"
+            )
+            b.stop()
+        finally:
+            topo.destroy_topology(topology)
+            topo.sweep()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 100))
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    if "--netns" in sys.argv:
+        in_namespaces(n)
+    else:
+        asyncio.run(in_process(n))

@@ -4,7 +4,7 @@ import stat
 from pathlib import Path
 
 from appliance.sessions.model import Address, Mode, Protocol, Session, Side, State
-from appliance.sessions.store import SessionSecrets, SessionStore
+from appliance.sessions.store import PendingLeave, SessionSecrets, SessionStore
 
 
 def _session(session_id: str = "s1") -> Session:
@@ -59,3 +59,12 @@ def test_ended_records_are_purged_after_retention(tmp_path: Path) -> None:
 
 def test_unknown_session_is_none(tmp_path: Path) -> None:
     assert SessionStore(tmp_path / "db").get("nope") is None
+
+
+def test_an_undelivered_leave_survives_reopening_until_dropped(tmp_path: Path) -> None:
+    leave = PendingLeave("s1", "198.18.0.2:5000", "ab" * 32, "peer-1", b"\x02" * 32, "released", 1e10)
+    SessionStore(tmp_path / "db").put_leave(leave)
+    store = SessionStore(tmp_path / "db")
+    assert store.leaves() == [leave]
+    store.drop_leave("s1")
+    assert store.leaves() == []
