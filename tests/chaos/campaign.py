@@ -355,7 +355,16 @@ class Summary:
         ]
 
 
-def run(cycles: int, seed: int, grace: float, workdir: Path, report: Callable[[str], None]) -> Summary:
+def run(
+    cycles: int,
+    seed: int,
+    grace: float,
+    workdir: Path,
+    report: Callable[[str], None],
+    max_seconds: float = float("inf"),
+) -> Summary:
+    """Runs `cycles` cycles (fewer if `max_seconds` run out first) and reports each as it ends."""
+    deadline = time.monotonic() + max_seconds
     rng = random.Random(seed)
     report(f"chaos campaign: seed {seed}, {cycles} cycles, --peer-grace {grace}s")
     topology = create_topology(workdir)
@@ -364,6 +373,9 @@ def run(cycles: int, seed: int, grace: float, workdir: Path, report: Callable[[s
         campaign = Campaign(topology, grace, rng)
         try:
             for number in range(1, cycles + 1):
+                if time.monotonic() > deadline:
+                    report(f"stopped after {number - 1} cycles: --max-minutes reached")
+                    break
                 result = campaign.cycle(number)
                 results.append(result)
                 status = "ok" if not (result.leaks or result.errors) else "LEAK/ERROR"
@@ -383,6 +395,10 @@ def run(cycles: int, seed: int, grace: float, workdir: Path, report: Callable[[s
     return summary
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=30)
@@ -390,11 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peer-grace", type=float, default=3.0, help="seconds (the appliances' --peer-grace)"
     )
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop after this long (0: no limit)")
     args = parser.parse_args(argv)
+    limit = args.max_minutes * 60 if args.max_minutes > 0 else float("inf")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     try:
         with tempfile.TemporaryDirectory(prefix="scistream-chaos-") as tmp:
-            summary = run(args.cycles, seed, args.peer_grace, Path(tmp), lambda line: print(line, flush=True))
+            summary = run(args.cycles, seed, args.peer_grace, Path(tmp), _print, limit)
     finally:
         sweep()
     return 1 if summary.leaks or summary.errors else 0
