@@ -254,11 +254,10 @@ class Campaign:
         processes = _processes(facility)
         found += [f"wireguard-go pid {pid}" for pid, argv in processes if argv[:1] == ["wireguard-go"]]
         owner = appliance.process.pid if appliance.process else -1
-        found += [
-            f"relay process pid {pid} not the appliance's"
-            for pid, argv in processes
-            if "appliance.dataplane.tlsrelay.worker" in argv and _parent(pid) != owner
-        ]
+        relays = [pid for pid, argv in processes if "appliance.dataplane.tlsrelay.worker" in argv]
+        found += [f"relay process pid {pid} not the appliance's" for pid in relays if _parent(pid) != owner]
+        if len(relays) > (os.cpu_count() or 1):  # the appliances run with the default --workers
+            found.append(f"{len(relays)} relay processes, more than --workers")
         links = host_run("ip", "-n", facility.ns, "-o", "link", "show").stdout
         found += [
             f"interface {line.split(':')[1].strip()}" for line in links.splitlines() if f": {PREFIX}" in line
