@@ -4,11 +4,16 @@ producer side is gone (issue 12, defect 6). Not a test: a measurement.
     .venv/bin/python -m tests.chaos.restart_time [N]          in-process appliances on 127.0.0.1
     .venv/bin/python -m tests.chaos.restart_time N --netns    `scistream server` processes in network
                                                               namespaces (root), start to `scistream health`
+    .venv/bin/python -m tests.chaos.restart_time 0 --carry    per mode: producer side SIGKILLed and
+                                                              restarted; healthy to the first connection
+                                                              the consumer side's entry point carries
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -75,9 +80,44 @@ def in_namespaces(count: int) -> None:
             topo.sweep()
 
 
+def carry_after_sigkill() -> None:
+    echo = (
+        "import socket\ns=socket.create_server(('127.0.0.1',7000))\n"
+        "while True:\n c,_=s.accept(); c.sendall(c.recv(99)); c.close()\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        topology = topo.create_topology(Path(tmp))
+        try:
+            a, b = topo.Appliance(topology.a), topo.Appliance(topology.b)
+            topo.start_appliances(a, b)
+            topology.a.spawn(sys.executable, "-c", echo)
+            topology.a.wait_listening("tcp", 7000)
+            for mode in ("quic", "tls", "wireguard"):
+                producer = a.json("inbound", "--dest", "127.0.0.1:7000", "--mode", mode)
+                entry = b.json("outbound", producer["ticket"])["entry_points"][0]
+                assert a.process is not None
+                os.kill(a.process.pid, signal.SIGKILL)
+                a.process.wait()
+                a.start()
+                healthy = time.monotonic()
+                tries = 1
+                while topo.tcp_exchange(topology.b, entry, 5) != "CONNECTED\nDATA 6":
+                    tries += 1
+                took = time.monotonic() - healthy
+                print(f"{mode}: first connection carried {took:.2f} s after healthy ({tries} tries)")
+                a.json("release", producer["session_id"])
+            a.stop()
+            b.stop()
+        finally:
+            topo.destroy_topology(topology)
+            topo.sweep()
+
+
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-    if "--netns" in sys.argv:
+    if "--carry" in sys.argv:
+        carry_after_sigkill()
+    elif "--netns" in sys.argv:
         in_namespaces(n)
     else:
         asyncio.run(in_process(n))
