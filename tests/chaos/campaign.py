@@ -5,9 +5,10 @@ Two real appliances (`scistream server`) in network namespaces, driven through t
 integration tests' topology). Each cycle picks a mode and a fault with a seeded random generator (the
 seed is printed, so a run can be repeated), opens a session, injects the fault, ends the session and
 waits until both appliances are back to nothing: no port of the data range bound, no wireguard-go, no
-relay process that is not the running appliance's, no `ssw*` interface, nftables table or UAPI socket,
-no secret or undelivered Leave in the store, no session that is not RELEASED or FAILED (the appliances
-run with a short `--peer-grace`). What is still there after the settling time is a leak.
+process in the namespace but the appliance, its children and the test app, no `ssw*` interface,
+nftables table or UAPI socket, no secret or undelivered Leave in the store, no session that is not
+RELEASED or FAILED (the appliances run with a short `--peer-grace`). What is still there after the
+settling time is a leak.
 
     .venv/bin/python -m tests.chaos.campaign --cycles 1000 --seed 7     (or scripts/chaos …)
 """
@@ -107,7 +108,7 @@ class Campaign:
         for appliance in (self.a, self.b):
             appliance.extra_args = ["--peer-grace", f"{grace}s"]
         start_appliances(self.a, self.b)
-        topology.a.spawn(sys.executable, "-c", ECHO_SERVER)
+        self.echo_pid = topology.a.spawn(sys.executable, "-c", ECHO_SERVER).pid
         topology.a.wait_listening("tcp", ECHO_PORT)
         self.ports = PortRange.parse(PORT_RANGE)
 
@@ -255,7 +256,11 @@ class Campaign:
         found += [f"wireguard-go pid {pid}" for pid, argv in processes if argv[:1] == ["wireguard-go"]]
         owner = appliance.process.pid if appliance.process else -1
         relays = [pid for pid, argv in processes if "appliance.dataplane.tlsrelay.worker" in argv]
-        found += [f"relay process pid {pid} not the appliance's" for pid in relays if _parent(pid) != owner]
+        found += [
+            f"stray process pid {pid}: {' '.join(argv)[:80]}"
+            for pid, argv in processes
+            if pid not in (owner, self.echo_pid) and argv[:1] != ["wireguard-go"] and _parent(pid) != owner
+        ]
         if len(relays) > (os.cpu_count() or 1):  # the appliances run with the default --workers
             found.append(f"{len(relays)} relay processes, more than --workers")
         links = host_run("ip", "-n", facility.ns, "-o", "link", "show").stdout
