@@ -130,8 +130,13 @@ class RelayClient:
         identity: Identity,
         server_cert_pem: bytes,
         config: RelayConfig | None = None,
+        wait: bool = True,
     ) -> RelayClient:
-        """Connect to the producer side; RelayError if the handshake fails or times out."""
+        """Connect to the producer side; RelayError if the handshake fails or times out.
+
+        With `wait=False` (a restarted appliance restoring its session) nothing is awaited: the client
+        connects in the background, retrying with backoff, and counts as absent until it has connected.
+        """
         client = cls(
             server=server,
             server_name=server_name,
@@ -139,6 +144,10 @@ class RelayClient:
             server_cert_pem=server_cert_pem,
             config=config or RelayConfig(),
         )
+        if not wait:
+            client._absent_since = time.monotonic()
+            client._start_reconnect()
+            return client
         try:
             await client._connect()
         except BaseException:

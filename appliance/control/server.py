@@ -51,11 +51,20 @@ def _descriptor_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def tls_probe_interval(peer_grace: float) -> float:
+    """How often an idle TLS-mode consumer side shows itself to its producer side: often enough that
+    a peer with the same `--peer-grace` sees it several times per grace period."""
+    return min(10.0, max(0.2, peer_grace / 4))
+
+
 def build_drivers(
-    workers: int = 0, quic_max_packet_size: int = RelayConfig.max_datagram_size
+    workers: int = 0,
+    peer_grace: float = 60.0,
+    quic_max_packet_size: int = RelayConfig.max_datagram_size,
 ) -> dict[Mode, Driver]:
     quic_config = RelayConfig(max_datagram_size=quic_max_packet_size)
-    quic, tls = QuicDriver(quic_config), TlsDriver(workers)
+    quic = QuicDriver(quic_config)
+    tls = TlsDriver(workers, probe_interval=tls_probe_interval(peer_grace))
     fallback = AutoDriver(QuicDriver(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
@@ -69,7 +78,7 @@ class Appliance:
         self.manager: SessionManager | None = None
         self.legacy: LegacyCoordinator | None = None
         self._store: SessionStore | None = None
-        self._drivers = build_drivers(settings.workers, settings.quic_max_packet_size)
+        self._drivers = build_drivers(settings.workers, settings.peer_grace, settings.quic_max_packet_size)
         self._state_lock: StateDirLock | None = None
         self._manager_started = self._serving = False
         self.fingerprint = ""

@@ -40,6 +40,11 @@ class _BothEndpoints(Tunnel):
         self._quic.authorize(peer_cert_pem)
         self._tls.authorize(peer_cert_pem)
 
+    def peer_absent_for(self) -> float | None:
+        """The consumer side uses one endpoint or the other: absent only while absent from both."""
+        quic, tls = self._quic.peer_absent_for(), self._tls.peer_absent_for()
+        return None if quic is None or tls is None else min(quic, tls)
+
     def mode_choice(self) -> tuple[Mode, str] | None:
         """Which endpoint the consumer side uses, as far as this side can tell: the one carrying traffic."""
         quic, tls = self._quic.addresses[0], self._tls.addresses[0]
@@ -74,6 +79,9 @@ class _Chosen(Tunnel):
 
     def counters(self) -> Counters:
         return self._tunnel.counters()
+
+    def peer_absent_for(self) -> float | None:
+        return self._tunnel.peer_absent_for()
 
     def mode_choice(self) -> tuple[Mode, str] | None:
         return self._choice

@@ -64,6 +64,9 @@ class ConsumerPlan:
     bind_host: str = ""
     peer_wireguard: WireGuardPeer | None = None
     saved_state: bytes = b""  # set when restoring: what the tunnel's saved_state() returned
+    # Restoring after a restart: bind the entry points and return at once; a peer that is not there
+    # yet is reached in the background (the manager ends the session after `peer_grace`).
+    restoring: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ class Driver(abc.ABC):
         """Frees what prepare_consumer reserved when the Join does not go through."""
 
     async def sweep(self, live: set[str]) -> None:  # noqa: B027 - only drivers with host state need it
-        """At start, after restoring: removes what earlier processes left for sessions not in `live`."""
+        """Removes what earlier processes of this appliance left on the host (processes, devices,
+        rules) for sessions not in `live`. At start it runs before any restore, with `live` empty: a
+        killed process's leftovers hold the very ports its sessions are restored on."""
 
     @abc.abstractmethod
     async def open_producer(self, plan: ProducerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:

@@ -101,6 +101,7 @@ class QuicDriver(Driver):
                 identity=Identity(plan.credentials.cert_pem, plan.credentials.key_pem),
                 server_cert_pem=plan.peer_cert_pem,
                 config=self._config,
+                wait=not plan.restoring,
             )
         except RelayError as exc:
             raise Unavailable(f"cannot reach the producer side's data endpoint {endpoint}: {exc}") from None

@@ -8,6 +8,7 @@ each TCP connection at an entry point becomes one TLS connection to the producer
 from __future__ import annotations
 
 import socket
+import time
 
 from appliance.dataplane.base import ConsumerPlan, Counters, Driver, ProducerPlan, Tunnel
 from appliance.dataplane.quic import public
@@ -39,11 +40,15 @@ def _bind(host: str, port: int, kind: socket.SocketKind, *, shared: bool = False
 
 
 class _TlsTunnel(Tunnel):
-    def __init__(self, pool: WorkerPool, session_id: str, addresses: tuple[Address, ...]) -> None:
+    def __init__(
+        self, pool: WorkerPool, session_id: str, addresses: tuple[Address, ...], *, consumer: bool
+    ) -> None:
         self._pool = pool
         self._session_id = session_id
         self._addresses = addresses
         self._closed = False
+        # The producer side expects its peer once it is authorized; the consumer side at once.
+        self._expecting_since: float | None = time.monotonic() if consumer else None
 
     @property
     def addresses(self) -> tuple[Address, ...]:
@@ -55,6 +60,15 @@ class _TlsTunnel(Tunnel):
 
     def authorize(self, peer_cert_pem: bytes) -> None:
         self._pool.authorize(self._session_id, peer_cert_pem)
+        self._expecting_since = time.monotonic()
+
+    def peer_absent_for(self) -> float | None:
+        """Since the peer side last made (consumer side: accepted) a tunnel connection or probe, or
+        had one open; the consumer side probes every `probe_interval` while no connection is made."""
+        if self._closed or self._expecting_since is None:
+            return None
+        seen = max(self._pool.peer_seen(self._session_id), self._expecting_since)
+        return time.monotonic() - seen
 
     async def close(self) -> None:
         if not self._closed:
@@ -65,9 +79,10 @@ class _TlsTunnel(Tunnel):
 class TlsDriver(Driver):
     mode = Mode.TLS
 
-    def __init__(self, workers: int = 0, udp_idle: float = 60.0) -> None:
+    def __init__(self, workers: int = 0, udp_idle: float = 60.0, probe_interval: float = 10.0) -> None:
         self.pool = WorkerPool(workers)
         self._udp_idle = udp_idle
+        self._probe_interval = probe_interval
 
     async def open_producer(self, plan: ProducerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         if plan.data_endpoints:
@@ -87,7 +102,8 @@ class TlsDriver(Driver):
             udp_idle=self._udp_idle,
         )
         await self._open(plan.session_id, ports, "producer", spec, {i: [s] for i, s in enumerate(socks)})
-        return _TlsTunnel(self.pool, plan.session_id, (public(ports.bind_host, port, advertise_host),))
+        endpoint = (public(ports.bind_host, port, advertise_host),)
+        return _TlsTunnel(self.pool, plan.session_id, endpoint, consumer=False)
 
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         endpoint = plan.data_endpoints[-1]  # in auto mode the QUIC endpoint comes first
@@ -128,9 +144,10 @@ class TlsDriver(Driver):
             kind=Kind.UDP if kind == UDP else Kind.TCP,
             dest_indexes=tuple(i % plan.destination_count for i in range(plan.num_conn)),
             udp_idle=self._udp_idle,
+            probe_interval=self._probe_interval,
         )
         await self._open(plan.session_id, ports, "consumer", spec, socks)
-        return _TlsTunnel(self.pool, plan.session_id, tuple(entry_points))
+        return _TlsTunnel(self.pool, plan.session_id, tuple(entry_points), consumer=True)
 
     async def _open(
         self,

@@ -33,16 +33,18 @@ from appliance.dataplane.wireguard.keys import derive_preshared_key
 from appliance.errors import (
     AlreadyExists,
     ApplianceError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from appliance.sessions import ticket as tk
 from appliance.sessions.convert import mode_to_api, protocol_from_api, protocol_to_api
 from appliance.sessions.model import Address, Mode, Protocol, Session, Side, State
 from appliance.sessions.ports import PortAllocator
-from appliance.sessions.store import SessionSecrets, SessionStore
+from appliance.sessions.store import PendingLeave, SessionSecrets, SessionStore
 from quic_relay import generate_identity
 
 log = structlog.get_logger(__name__)
@@ -50,6 +52,8 @@ log = structlog.get_logger(__name__)
 SYSTEM = Principal("system", frozenset({ADMIN_ROLE}))
 LEAVE_WINDOW = 300.0  # seconds a Leave's timestamp may differ from our clock
 MAX_NUM_CONN = 1024
+LEAVE_RETRY_FIRST = 1.0  # seconds before an undelivered Leave is sent again; doubles up to the max
+LEAVE_RETRY_MAX = 30.0
 
 
 class PeerLink(TypingProtocol):
@@ -123,17 +127,27 @@ class SessionManager:
         self._changed = asyncio.Condition()
         self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Undelivered Leaves (kept in the store): when each is due again, and its current back-off.
+        self._leave_retry: dict[str, tuple[float, float]] = {}
+        self._leaving: set[str] = set()  # Leaves being sent right now
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restores live sessions from the store and starts the lease loop."""
+        """Restores live sessions from the store and starts the lease loop.
+
+        First removes everything an earlier process of this appliance left on the host (after a
+        SIGKILL its wireguard-go processes still hold the sessions' data ports), so each session is
+        restored on the same ports. Restores do only local work (bind sockets, start devices): a tunnel
+        whose peer appliance is not reachable yet comes up disconnected and keeps trying in the
+        background, and the lease loop ends it after `peer_grace`. So start-up, and with it the control
+        port, never waits on another appliance.
+        """
+        for driver in self._drivers.values():
+            await driver.sweep(set())
         for session in self._store.all():
             if not session.ended:
                 await self._restore(session)
-        live = {s.session_id for s in self._store.all() if not s.ended}
-        for driver in self._drivers.values():
-            await driver.sweep(live)  # what a killed process left for sessions that are gone
         self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
 
     async def stop(self) -> None:
@@ -420,16 +434,58 @@ class SessionManager:
         return response
 
     async def _tell_peer(self, session: Session, secret: bytes, reason: str) -> None:
-        """Sends Leave for `session` to its peer appliance, if it has one (best effort)."""
+        """Sends Leave for `session` to its peer appliance, if it has one. A Leave the peer does not
+        answer stays in the store and is sent again (see `_retry_leaves`), across restarts, until the
+        peer answers or the session's lease would have ended."""
         if not (session.peer_address and session.peer_session_id):
             return
-        peer = self._connect_peer(session.peer_address, session.peer_fingerprint)
-        try:
-            await self._send_leave(peer, secret, session.peer_session_id, reason)
-        finally:
-            peer.close()
+        leave = PendingLeave(
+            session_id=session.session_id,
+            peer_address=session.peer_address,
+            peer_fingerprint=session.peer_fingerprint,
+            peer_session_id=session.peer_session_id,
+            secret=secret,
+            reason=reason,
+            until=session.expires_at or time.time() + self._default_ttl,
+        )
+        self._store.put_leave(leave)
+        await self._deliver(leave)
 
-    async def _send_leave(self, peer: PeerLink, secret: bytes, peer_session_id: str, reason: str) -> None:
+    async def _deliver(self, leave: PendingLeave) -> None:
+        """One attempt at a pending Leave: forgotten once the peer answered, else due again later."""
+        if leave.session_id in self._leaving:
+            return
+        self._leaving.add(leave.session_id)
+        try:
+            peer = self._connect_peer(leave.peer_address, leave.peer_fingerprint)
+            try:
+                answered = await self._send_leave(peer, leave.secret, leave.peer_session_id, leave.reason)
+            finally:
+                peer.close()
+        finally:
+            self._leaving.discard(leave.session_id)
+        if answered:
+            self._store.drop_leave(leave.session_id)
+            self._leave_retry.pop(leave.session_id, None)
+            return
+        _, delay = self._leave_retry.get(leave.session_id, (0.0, LEAVE_RETRY_FIRST / 2))
+        delay = min(2 * delay, LEAVE_RETRY_MAX)
+        self._leave_retry[leave.session_id] = (time.monotonic() + delay, delay)
+
+    def _retry_leaves(self) -> None:
+        """Sends the pending Leaves that are due, in the background; drops those past their lease."""
+        now = time.monotonic()
+        for leave in self._store.leaves():
+            if leave.until <= time.time():
+                self._store.drop_leave(leave.session_id)
+                self._leave_retry.pop(leave.session_id, None)
+                log.warning("gave up telling the peer appliance", peer_session=leave.peer_session_id)
+            elif self._leave_retry.get(leave.session_id, (0.0, 0.0))[0] <= now:
+                self._in_background(self._deliver(leave))
+
+    async def _send_leave(self, peer: PeerLink, secret: bytes, peer_session_id: str, reason: str) -> bool:
+        """True once the peer appliance answered (whatever it said: a refusal will not change when
+        asked again); False when it could not be reached."""
         nonce, timestamp = tk.new_nonce(), int(time.time())
         request = api.LeaveRequest(
             session_id=peer_session_id,
@@ -440,8 +496,12 @@ class SessionManager:
         )
         try:
             await asyncio.wait_for(peer.leave(request), self._peer_timeout)
-        except (ApplianceError, OSError, TimeoutError) as exc:
+        except (Unavailable, DeadlineExceeded, OSError, TimeoutError) as exc:
             log.warning("could not tell the peer appliance", peer_session=peer_session_id, error=str(exc))
+            return False
+        except ApplianceError as exc:
+            log.info("the peer appliance refused the leave", peer_session=peer_session_id, error=exc.message)
+        return True
 
     async def _end(self, session: Session, state: State, reason: str) -> Session:
         """Frees the session's resources and records its final state and counters."""
@@ -509,6 +569,7 @@ class SessionManager:
             num_conn=session.num_conn,
             entry_ports=tuple(a.port for a in session.entry_points),
             saved_state=secrets.data_plane,
+            restoring=True,
         )
         return await driver.open_consumer(consumer, self._ports, self._advertise_host)
 
@@ -538,6 +599,7 @@ class SessionManager:
         while True:
             await asyncio.sleep(1.0)
             await self._fail_absent_peers()
+            self._retry_leaves()
             now = time.time()
             for session in self._store.all():
                 if not session.ended and session.expires_at and session.expires_at <= now:

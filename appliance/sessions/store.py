@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS secrets (
     session_id TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS leaves (
+    session_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 """
 
 
@@ -37,6 +41,20 @@ class SessionSecrets:
     server_name: str
     peer_cert_pem: bytes = b""
     data_plane: bytes = b""  # the tunnel's saved_state() (WireGuard: private key, peer, addresses)
+
+
+@dataclass(frozen=True)
+class PendingLeave:
+    """A Leave the peer appliance has not answered yet: kept (with the secret that signs it) until it
+    does, or until `until` (the session's lease end)."""
+
+    session_id: str  # ours
+    peer_address: str
+    peer_fingerprint: str
+    peer_session_id: str
+    secret: bytes
+    reason: str
+    until: float  # Unix time
 
 
 def _session_to_json(session: Session) -> str:
@@ -154,3 +172,24 @@ class SessionStore:
                     (State.RELEASED.value, State.FAILED.value, before),
                 )
             return cursor.rowcount
+
+    def put_leave(self, leave: PendingLeave) -> None:
+        record = {**dataclasses.asdict(leave), "secret": leave.secret.hex()}
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO leaves VALUES (?, ?)", (leave.session_id, json.dumps(record))
+            )
+
+    def leaves(self) -> list[PendingLeave]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM leaves ORDER BY rowid").fetchall()
+        found = []
+        for (text,) in rows:
+            data = json.loads(text)
+            found.append(PendingLeave(**{**data, "secret": bytes.fromhex(data["secret"])}))
+        return found
+
+    def drop_leave(self, session_id: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM leaves WHERE session_id = ?", (session_id,))
+        self._scrub_log()  # a pending Leave holds the session secret that signs it

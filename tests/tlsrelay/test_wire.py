@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
+from appliance.dataplane.tlsrelay import channel
 from appliance.dataplane.tlsrelay.wire import (
     END_OF_STREAM,
     MAX_FRAME,
@@ -110,3 +113,13 @@ def test_flow_ids_are_stable_per_address_and_reused_after_forget() -> None:
     assert ids.address_of(0) is None
     assert len(ids) == 1
     assert ids.id_for(a) == 2  # a new flow gets a new id: late replies of the old one are not misrouted
+
+
+def test_relay_sockets_probe_an_idle_peer_so_a_vanished_host_ends_the_connection() -> None:
+    with socket.socket() as sock:
+        channel.tune(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        idle, interval, count = channel.KEEPALIVE
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == count
+        assert idle + interval * count <= 60  # well inside the default --peer-grace

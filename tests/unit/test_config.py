@@ -77,7 +77,7 @@ def test_quic_max_packet_size_caps_path_mtu_discovery_in_both_quic_drivers() -> 
     from appliance.sessions.model import Mode
 
     settings = load_settings(quic_max_packet_size=1452)
-    drivers = build_drivers(settings.workers, settings.quic_max_packet_size)
+    drivers = build_drivers(settings.workers, quic_max_packet_size=settings.quic_max_packet_size)
     assert drivers[Mode.QUIC]._config.max_datagram_size == 1452  # type: ignore[attr-defined]
     assert drivers[Mode.AUTO]._quic._config.max_datagram_size == 1452  # type: ignore[attr-defined]
 

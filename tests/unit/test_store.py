@@ -5,7 +5,7 @@ import stat
 from pathlib import Path
 
 from appliance.sessions.model import Address, Mode, Protocol, Session, Side, State
-from appliance.sessions.store import SessionSecrets, SessionStore
+from appliance.sessions.store import PendingLeave, SessionSecrets, SessionStore
 
 
 def _session(session_id: str = "s1") -> Session:
@@ -76,4 +76,24 @@ def test_secrets_of_an_ended_session_are_gone_from_the_database_and_its_wal(tmp_
         raw = path.read_bytes()
         for needle in (secret, secret.hex().encode(), key, key.hex().encode()):
             assert needle not in raw, f"a secret of the released session is still in {path.name}"
+    store.close()
+
+
+def test_an_undelivered_leave_survives_reopening_until_dropped(tmp_path: Path) -> None:
+    leave = PendingLeave("s1", "198.18.0.2:5000", "ab" * 32, "peer-1", b"\x02" * 32, "released", 1e10)
+    SessionStore(tmp_path / "db").put_leave(leave)
+    store = SessionStore(tmp_path / "db")
+    assert store.leaves() == [leave]
+    store.drop_leave("s1")
+    assert store.leaves() == []
+
+
+def test_the_secret_of_a_dropped_leave_is_gone_from_the_database_and_its_wal(tmp_path: Path) -> None:
+    secret = os.urandom(32)
+    store = SessionStore(tmp_path / "sessions.db")
+    store.put_leave(PendingLeave("s1", "198.18.0.2:5000", "ab" * 32, "peer-1", secret, "released", 1e10))
+    store.drop_leave("s1")
+    for path in (p for p in tmp_path.iterdir() if p.name.startswith("sessions.db")):
+        raw = path.read_bytes()
+        assert secret not in raw and secret.hex().encode() not in raw, path.name
     store.close()

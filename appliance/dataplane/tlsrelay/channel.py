@@ -271,8 +271,13 @@ async def handshake(sock: ssl.SSLSocket, timeout: float) -> TlsChannel:
     return TlsChannel(sock)
 
 
+KEEPALIVE = (20, 5, 4)  # idle seconds, seconds between probes, probes: a dead peer is noticed in 40 s
+
+
 def tune(sock: socket.socket) -> None:
-    """Non-blocking, no Nagle delay (interactive traffic; bulk data goes in full records anyway).
+    """Non-blocking, no Nagle delay (interactive traffic; bulk data goes in full records anyway), and
+    TCP keepalives: an idle connection whose peer host vanished (no RST ever comes) is closed by the
+    kernel, so it cannot keep a session's peer looking present (see `peer_absent_for` in TLS mode).
 
     TCP socket buffers are left to the kernel's autotuning, which grows them up to net.ipv4.tcp_rmem and
     tcp_wmem: setting SO_RCVBUF would fix the size (capped by net.core.rmem_max) and turn autotuning
@@ -281,6 +286,11 @@ def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 async def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:

@@ -48,6 +48,7 @@ class _Worker:
     process: subprocess.Popen[bytes]
     waiters: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     counters: dict[str, list[int]] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)  # session → peer last seen (monotonic)
 
 
 class WorkerPool:
@@ -102,6 +103,7 @@ class WorkerPool:
         for worker in self._workers:
             if worker is not None:
                 worker.counters.pop(session_id, None)
+                worker.seen.pop(session_id, None)
         for socks in registration.socks.values():
             for sock in socks:
                 sock.close()
@@ -115,6 +117,10 @@ class WorkerPool:
                 if values:
                     total = [a + b for a, b in zip(total, values, strict=True)]
         return total
+
+    def peer_seen(self, session_id: str) -> float:
+        """time.monotonic() when a relay process last saw the session's peer side (0: never)."""
+        return max((w.seen.get(session_id, 0.0) for w in self._workers if w is not None), default=0.0)
 
     @property
     def pids(self) -> list[int]:
@@ -173,6 +179,7 @@ class WorkerPool:
                 os.close(fd)
             if message.get("op") == "counters":
                 worker.counters.update(message["sessions"])
+                worker.seen.update(message.get("seen", {}))
             else:
                 waiter = worker.waiters.pop(message.get("id", 0), None)
                 if waiter is not None and not waiter.done():

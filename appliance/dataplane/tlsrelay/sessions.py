@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class ConsumerSpec:
     kind: Kind
     dest_indexes: tuple[int, ...] = field(default=())  # one per entry socket, in order
     udp_idle: float = 60.0
+    probe_interval: float = 10.0  # seconds without a tunnel connection before one is made to probe
 
 
 class _Opening:
@@ -120,6 +122,7 @@ class ProducerRelay:
         self.openings: set[_Opening] = set()
         self._acceptors: list[Acceptor] = []
         self._tasks = _Tasks()
+        self.peer_seen = 0.0  # time.monotonic() of the consumer side's last authenticated connection
         if spec.peer_cert_pem:
             self.authorize(spec.peer_cert_pem)
 
@@ -156,6 +159,7 @@ class ProducerRelay:
             self.reject("not the session's consumer side")
             channel.abort()
             return
+        self.peer_seen = time.monotonic()
         opening = _Opening(self, channel)
         self.openings.add(opening)
         channel.start(opening)
@@ -207,6 +211,7 @@ class ConsumerRelay:
         self._acceptors: list[Acceptor] = []
         self._entries: list[UdpEntry] = []
         self._tasks = _Tasks()
+        self.peer_seen = 0.0  # time.monotonic() of the last connection the producer side accepted
 
     async def start(self, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +223,24 @@ class ConsumerRelay:
                 self._entries.append(entry)
             else:
                 self._acceptors.append(Acceptor(sock, lambda raw, h=header: self._accepted(raw, h)))  # type: ignore[misc]
+        if self.spec.probe_interval > 0:
+            self._tasks.start(self._probe())
+
+    async def _probe(self) -> None:
+        """TLS mode has no connection that lives as long as the session, so while no tunnel connection
+        is made, one is made to probe: a handshake with the pinned data endpoint, then a clean close.
+        It tells this side the producer side is there, and shows the producer side this side is."""
+        interval = self.spec.probe_interval
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.peer_seen < interval:
+                continue  # a tunnel connection proved it already
+            try:
+                channel = await self.connect()
+            except FAILED as exc:
+                logger.info("session %s: probe of the data endpoint failed: %s", self.spec.session_id, exc)
+                continue
+            channel.close()
 
     def _accepted(self, raw: socket.socket, header: bytes) -> None:
         pump = TcpPump(raw, self.counters, self.pumps)  # the app's bytes wait in the kernel meanwhile
@@ -244,6 +267,7 @@ class ConsumerRelay:
         if channel.peer_fingerprint != self.expected:
             channel.abort()
             raise ConnectionError("the data endpoint presented another certificate")
+        self.peer_seen = time.monotonic()
         return channel
 
     async def close(self) -> None:

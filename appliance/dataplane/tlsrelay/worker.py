@@ -18,6 +18,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from . import messages
@@ -36,6 +37,7 @@ class Worker:
         self.counters: dict[str, Counters] = {}
         self.done = asyncio.Event()
         self._reported: dict[str, tuple[int, ...]] = {}
+        self._seen: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._fds: list[int] = []
 
@@ -109,6 +111,7 @@ class Worker:
                 await closing.close()
             self.counters.pop(session_id, None)
             self._reported.pop(session_id, None)
+            self._seen.pop(session_id, None)
         elif op == "exit":
             self.done.set()
         else:
@@ -126,9 +129,23 @@ class Worker:
             if self._reported.get(session_id) != values:
                 self._reported[session_id] = values
                 changed[session_id] = list(values)
-        if changed:
+        seen = self._peers_seen()
+        if changed or seen:
             with contextlib.suppress(OSError):
-                messages.send(self.channel, {"op": "counters", "sessions": changed})
+                messages.send(self.channel, {"op": "counters", "sessions": changed, "seen": seen})
+
+    def _peers_seen(self) -> dict[str, float]:
+        """Sessions whose peer showed itself since the last report: time.monotonic() it last did (the
+        clock is the host's, shared with the control process). An open tunnel connection counts as
+        showing itself now."""
+        now = time.monotonic()
+        changed: dict[str, float] = {}
+        for session_id, relay in self.relays.items():
+            counters = self.counters.get(session_id)
+            seen = now if counters is not None and counters.active > 0 else relay.peer_seen
+            if seen > self._seen.get(session_id, 0.0):
+                self._seen[session_id] = changed[session_id] = seen
+        return changed
 
 
 def _raise_file_limit() -> None:
