@@ -130,7 +130,7 @@ class RelayQuicConnection(QuicConnection):
             first.stateless_reset_token = reset_token(self._reset_key, first.cid)
         # set by the protocol once the handshake is done and the route MTU known
         self.path_mtu: PathMtuSearch | None = None
-        self.dropped_on_shrink = 0
+        self.dropped_on_shrink = 0  # DATAGRAM frames dropped because the packet size fell; see protocol
         self._watch_large_packets()
         self._pace_in_timer_steps()
 

@@ -217,6 +217,8 @@ class RelayProtocol(QuicConnectionProtocol):
             transport.flush()
         if self._quic.packet_size != self.packet_size:
             self.packet_size = self._quic.packet_size
+            self.counters.dropped_datagrams += self._quic.dropped_on_shrink
+            self._quic.dropped_on_shrink = 0
             self.packet_size_changed(self.packet_size)
         if not self._send_watch:
             return
