@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -127,3 +128,18 @@ async def echo_through(entry_point: str, payload: bytes) -> bytes:
     data = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
     return data
+
+
+@contextlib.asynccontextmanager
+async def facility_pair(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[Facility, Facility]]:
+    """Facilities "a" and "b" with the same `overrides`; both appliances stopped on the way out
+    (stopping is idempotent, so a test may stop or replace either one itself)."""
+    a = await start_facility(tmp_path, "a", **overrides)
+    try:
+        b = await start_facility(tmp_path, "b", **overrides)
+        try:
+            yield a, b
+        finally:
+            await b.appliance.stop()
+    finally:
+        await a.appliance.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from appliance.api.scistream import v1 as api
 from appliance.control.server import Appliance
 
-from .conftest import Facility, echo_through, open_session, start_facility
+from .conftest import Facility, echo_through, facility_pair, open_session
 
 
 async def _state_when_settled(facility: Facility, session_id: str, timeout: float) -> api.Session:
@@ -39,42 +39,30 @@ def _udp_port_free(address: str) -> bool:
 async def test_producer_side_fails_the_session_when_the_consumer_appliance_is_gone(
     tmp_path: Path, echo_server: str
 ) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=1.0)
-    b = await start_facility(tmp_path, "b", peer_grace=1.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=1.0) as (a, b):
         created, _ = await open_session((a, b), echo_server)
         await b.appliance.stop()
         producer = await _state_when_settled(a, created.session.session_id, timeout=10)
         assert producer.state == api.State.FAILED
         assert producer.reason == "consumer appliance unreachable"
         assert _udp_port_free(created.session.data_endpoints[0])
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_consumer_side_fails_the_session_when_the_producer_appliance_stays_away(
     tmp_path: Path, echo_server: str
 ) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=1.0)
-    b = await start_facility(tmp_path, "b", peer_grace=1.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=1.0) as (a, b):
         _, joined = await open_session((a, b), echo_server)
         await a.appliance.stop()
         consumer = await _state_when_settled(b, joined.session_id, timeout=10)
         assert consumer.state == api.State.FAILED
         assert consumer.reason == "producer appliance unreachable"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_a_producer_restart_within_the_grace_period_keeps_the_session(
     tmp_path: Path, echo_server: str
 ) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=4.0)
-    b = await start_facility(tmp_path, "b", peer_grace=4.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=4.0) as (a, b):
         created, joined = await open_session((a, b), echo_server)
         await a.appliance.stop()
         a.appliance = Appliance(a.appliance.settings)
@@ -84,56 +72,38 @@ async def test_a_producer_restart_within_the_grace_period_keeps_the_session(
         consumer = await _state_when_settled(b, joined.session_id, timeout=0)
         assert (producer.state, consumer.state) == (api.State.ACTIVE, api.State.ACTIVE)
         assert await echo_through(joined.entry_points[0], b"still here") == b"still here"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_tls_mode_producer_side_fails_the_session_when_the_consumer_appliance_is_gone(
     tmp_path: Path, echo_server: str
 ) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=1.0)
-    b = await start_facility(tmp_path, "b", peer_grace=1.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=1.0) as (a, b):
         created, _ = await open_session((a, b), echo_server, mode=api.Mode.TLS)
         await b.appliance.stop()
         producer = await _state_when_settled(a, created.session.session_id, timeout=10)
         assert producer.state == api.State.FAILED
         assert producer.reason == "consumer appliance unreachable"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_tls_mode_consumer_side_fails_the_session_when_the_producer_appliance_stays_away(
     tmp_path: Path, echo_server: str
 ) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=1.0)
-    b = await start_facility(tmp_path, "b", peer_grace=1.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=1.0) as (a, b):
         _, joined = await open_session((a, b), echo_server, mode=api.Mode.TLS)
         await a.appliance.stop()
         consumer = await _state_when_settled(b, joined.session_id, timeout=10)
         assert consumer.state == api.State.FAILED
         assert consumer.reason == "producer appliance unreachable"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_tls_mode_keeps_an_idle_session_whose_peer_is_there(tmp_path: Path, echo_server: str) -> None:
-    a = await start_facility(tmp_path, "a", peer_grace=1.0)
-    b = await start_facility(tmp_path, "b", peer_grace=1.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=1.0) as (a, b):
         created, joined = await open_session((a, b), echo_server, mode=api.Mode.TLS)
         # Several grace periods without traffic: the data plane still proves each side to the other.
         producer = await _state_when_settled(a, created.session.session_id, timeout=4)
         consumer = await _state_when_settled(b, joined.session_id, timeout=0)
         assert (producer.state, consumer.state) == (api.State.ACTIVE, api.State.ACTIVE)
         assert await echo_through(joined.entry_points[0], b"idle") == b"idle"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def _restart(facility: Facility) -> None:
@@ -146,9 +116,7 @@ async def test_a_leave_the_peer_missed_is_retried_across_a_restart_until_it_answ
     tmp_path: Path, echo_server: str
 ) -> None:
     """Long grace: only the retried Leave can end the producer side's session."""
-    a = await start_facility(tmp_path, "a", peer_grace=120.0)
-    b = await start_facility(tmp_path, "b", peer_grace=120.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=120.0) as (a, b):
         created, joined = await open_session((a, b), echo_server, mode=api.Mode.TLS)
         await a.appliance.stop()
         async with b.client() as client:
@@ -160,9 +128,6 @@ async def test_a_leave_the_peer_missed_is_retried_across_a_restart_until_it_answ
         producer = await _state_when_settled(a, created.session.session_id, timeout=20)
         assert producer.state == api.State.RELEASED
         assert producer.reason.startswith("released by peer")
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
 
 
 async def test_a_restart_serves_at_once_and_retries_sessions_whose_producer_is_down(
@@ -170,9 +135,7 @@ async def test_a_restart_serves_at_once_and_retries_sessions_whose_producer_is_d
 ) -> None:
     """Both appliances go down; the consumer side comes back first: it serves without waiting for the
     producer side, keeps the session, and carries it again once the producer side is back."""
-    a = await start_facility(tmp_path, "a", peer_grace=60.0)
-    b = await start_facility(tmp_path, "b", peer_grace=60.0)
-    try:
+    async with facility_pair(tmp_path, peer_grace=60.0) as (a, b):
         _, joined = await open_session((a, b), echo_server)  # QUIC
         await a.appliance.stop()
         await _restart(b)
@@ -183,6 +146,3 @@ async def test_a_restart_serves_at_once_and_retries_sessions_whose_producer_is_d
         a.appliance = Appliance(a.appliance.settings)
         await a.appliance.start()
         assert await echo_through(joined.entry_points[0], b"back again") == b"back again"
-    finally:
-        await b.appliance.stop()
-        await a.appliance.stop()
