@@ -63,9 +63,9 @@ def build_drivers(
     quic_max_packet_size: int = RelayConfig.max_datagram_size,
 ) -> dict[Mode, Driver]:
     quic_config = RelayConfig(max_datagram_size=quic_max_packet_size)
-    quic = QuicDriver(quic_config)
+    quic = QuicDriver(quic_config, workers)
     tls = TlsDriver(workers, probe_interval=tls_probe_interval(peer_grace))
-    fallback = AutoDriver(QuicDriver(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
+    fallback = AutoDriver(quic.with_config(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
 
