@@ -136,8 +136,10 @@ class WorkerPool:
         }
 
     def gauge(self, session_id: str) -> int:
-        """The largest value the session's relay processes report for it (QUIC: packet size)."""
-        return max((w.gauges.get(session_id, 0) for w in self._workers if w is not None), default=0)
+        """The smallest value other than 0 the session's relay processes report for it (QUIC: the
+        packet size; a connection that met a black hole shows, though the others may be idle)."""
+        values = [w.gauges.get(session_id, 0) for w in self._workers if w is not None]
+        return min((v for v in values if v), default=0)
 
     @property
     def pids(self) -> list[int]:
