@@ -65,7 +65,9 @@ def build_drivers(
     quic_config = RelayConfig(max_datagram_size=quic_max_packet_size)
     quic = QuicDriver(quic_config, workers)
     tls = TlsDriver(workers, probe_interval=tls_probe_interval(peer_grace))
-    fallback = AutoDriver(quic.with_config(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
+    fallback = AutoDriver(
+        quic.with_config(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls
+    )
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
 
