@@ -148,6 +148,8 @@ class Appliance:
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
         listen(self.server, RecvRequest, remember_client)
         self.loop_lag.start()
+        for driver in dict.fromkeys(self._drivers.values()):
+            await driver.start()
         await self.manager.start()
         self._manager_started = True
         address = s.listen_address

@@ -140,6 +140,14 @@ class QuicDriver(Driver):
                 str(exc) if what == "reach" else f"the QUIC relay could not start: {exc}"
             ) from None
 
+    async def start(self) -> None:
+        """QUIC is the default mode: its relay processes start with the appliance rather than with the
+        first session, which would otherwise wait for them (and a lease of a second could run out)."""
+        try:
+            await self.pool.start()
+        except WorkerError as exc:
+            raise Unavailable(f"QUIC mode cannot start: {exc}") from None
+
     async def close(self) -> None:
         await self.pool.close()
 

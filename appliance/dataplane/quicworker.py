@@ -60,6 +60,7 @@ class QuicProcess(RelayProcess):
                     config=_config(spec),
                     sock=sock,
                 )
+                server.counters.on_closed = self.report_soon
                 producer.servers.append(server)
                 if "peer_cert_pem" in spec:  # restarted after the session was authorized
                     server.authorize(_bytes(spec, "peer_cert_pem"))
@@ -74,6 +75,7 @@ class QuicProcess(RelayProcess):
             config=_config(spec, lane=index),
             wait=not (spec["restoring"] or message.get("replay")),
         )
+        client.counters.on_closed = self.report_soon
         self.relays[session_id] = self.consumers[session_id] = client
         for sock, dest_index in zip(socks, _entries(spec, index), strict=True):
             if spec["kind"] == "udp":

@@ -157,6 +157,15 @@ class WorkerPool:
 
     # ---- processes -------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Starts the relay processes now rather than at the first session, and waits until each
+        answers: the first session then finds them ready."""
+        await self._ensure_started()
+        try:
+            await asyncio.gather(*(self._call(i, {"op": "ping"}) for i in range(self.size)))
+        except WorkerError as exc:
+            raise WorkerError(f"a relay process did not start: {exc}") from None
+
     async def _ensure_started(self) -> None:
         async with self._start_lock:
             for index in range(self.size):

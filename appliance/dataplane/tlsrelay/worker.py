@@ -48,6 +48,7 @@ class RelayProcess:
         self._reported: dict[str, tuple[int, ...]] = {}
         self._seen: dict[str, float] = {}
         self._gauged: dict[str, int] = {}
+        self._report_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._fds: list[int] = []
 
@@ -111,6 +112,8 @@ class RelayProcess:
             self._reported.pop(session_id, None)
             self._seen.pop(session_id, None)
             self._gauged.pop(session_id, None)
+        elif op == "ping":
+            pass  # the reply says this process is up and reading
         elif op == "exit":
             self.done.set()
         else:
@@ -146,7 +149,14 @@ class RelayProcess:
             await asyncio.sleep(REPORT_INTERVAL)
             self.report()
 
+    def report_soon(self) -> None:
+        """Reports once the current callbacks are done (several closes in a row: one report)."""
+        if not self._report_pending:
+            self._report_pending = True
+            asyncio.get_running_loop().call_soon(self.report)
+
     def report(self) -> None:
+        self._report_pending = False
         changed: dict[str, list[int]] = {}
         for session_id in self._sessions():
             values = self._values(session_id)
