@@ -641,12 +641,14 @@ class Run:
     cpu_per_gb: float
     client_cpu: float
     server_cpu: float
+    kernel_share: float  # of both processes' CPU time, the part spent in the kernel (stime)
     largest_datagram: int
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far: utime and stime of /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
+    return int(fields[11]) / HZ, int(fields[12]) / HZ
 
 
 def read_line(process: subprocess.Popen[str], timeout: float, what: str) -> str:
@@ -696,14 +698,16 @@ def measure(engine: str, size: int, round_: int, seconds: float, warmup: float, 
             read_line(client, 20, f"{engine} client")  # "connected"
             time.sleep(warmup)
             b0, _ = query_server(server)
-            c0, s0, t0 = cpu_seconds(client.pid), cpu_seconds(server.pid), time.monotonic()
+            c0, s0, t0 = cpu_times(client.pid), cpu_times(server.pid), time.monotonic()
             time.sleep(seconds)
             b1, largest = query_server(server)
-            c1, s1, t1 = cpu_seconds(client.pid), cpu_seconds(server.pid), time.monotonic()
+            c1, s1, t1 = cpu_times(client.pid), cpu_times(server.pid), time.monotonic()
             if client.poll() is not None:
                 raise RuntimeError(f"{engine} client exited early ({client.returncode}); see {log}")
     moved = b1 - b0
-    used = (c1 - c0) + (s1 - s0)
+    client_cpu, server_cpu = sum(c1) - sum(c0), sum(s1) - sum(s0)
+    used = client_cpu + server_cpu
+    kernel = (c1[1] - c0[1]) + (s1[1] - s0[1])
     return Run(
         engine=engine,
         size=size,
@@ -711,8 +715,9 @@ def measure(engine: str, size: int, round_: int, seconds: float, warmup: float, 
         seconds=t1 - t0,
         mbits=moved * 8 / (t1 - t0) / 1e6,
         cpu_per_gb=used / (moved / 1e9) if moved else float("inf"),
-        client_cpu=c1 - c0,
-        server_cpu=s1 - s0,
+        client_cpu=client_cpu,
+        server_cpu=server_cpu,
+        kernel_share=kernel / used if used else 0.0,
         largest_datagram=largest,
     )
 
@@ -733,6 +738,7 @@ def bench(engines: list[Engine], sizes: list[int], rounds: int, seconds: float, 
                     f"round {round_} {name:8} {size:5} B: {run.mbits:8.0f} Mbit/s "
                     f"{run.cpu_per_gb:7.2f} CPU s/GB "
                     f"(client {run.client_cpu:.2f} s, server {run.server_cpu:.2f} s, "
+                    f"{run.kernel_share:.0%} in the kernel, "
                     f"largest datagram {run.largest_datagram})",
                     flush=True,
                 )
@@ -742,8 +748,8 @@ def bench(engines: list[Engine], sizes: list[int], rounds: int, seconds: float, 
 
 def print_bench(runs: list[Run], engines: list[Engine], sizes: list[int]) -> None:
     print("\n## Bulk throughput, one stream, 127.0.0.1, separate processes (median of rounds, min-max)\n")
-    print("| engine | packet size | Mbit/s | CPU s per GB | runs | largest datagram seen |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | packet size | Mbit/s | CPU s per GB | in the kernel | runs | largest datagram seen |")
+    print("|---|---|---|---|---|---|---|")
     medians: dict[tuple[str, int], tuple[float, float]] = {}
     for size in sizes:
         for engine in engines:
@@ -756,7 +762,7 @@ def print_bench(runs: list[Run], engines: list[Engine], sizes: list[int]) -> Non
             print(
                 f"| {engine.name} {engine.version} | {size} | {statistics.median(mb):.0f} "
                 f"({min(mb):.0f}-{max(mb):.0f}) | {statistics.median(cpu):.2f} "
-                f"({min(cpu):.2f}-{max(cpu):.2f}) "
+                f"({min(cpu):.2f}-{max(cpu):.2f}) | {statistics.median(r.kernel_share for r in these):.0%} "
                 f"| {len(these)} | {max(r.largest_datagram for r in these)} |"
             )
     print()
