@@ -33,9 +33,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flask import Flask, Response
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 ISSUER = "https://auth.test.invalid"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # no access log on the test output
 
 
 @dataclass
@@ -262,7 +267,9 @@ class AuthServer:
         if self.tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
-        self._server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=context)
+        self._server = make_server(
+            "127.0.0.1", 0, app, threaded=True, ssl_context=context, request_handler=_QuietHandler
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         scheme = "https" if context else "http"
@@ -293,9 +300,7 @@ class AuthServer:
         """A token for `client_id`, fetched over HTTP with the client-credentials grant."""
         with self._oauth(client_id) as oauth:
             kwargs = {"scope": scope} if scope else {}
-            token = oauth.fetch_token(
-                f"{self.base_url}/token", grant_type="client_credentials", **kwargs
-            )
+            token = oauth.fetch_token(f"{self.base_url}/token", grant_type="client_credentials", **kwargs)
         return str(token["access_token"])
 
     def revoke(self, client_id: str, token: str) -> None:

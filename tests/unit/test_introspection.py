@@ -163,7 +163,12 @@ def test_the_cache_needs_room_for_one_entry() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    [GLOBUS_INTROSPECTION_ENDPOINT, "http://127.0.0.1:8080/introspect", "http://localhost/x", "http://[::1]/x"],
+    [
+        GLOBUS_INTROSPECTION_ENDPOINT,
+        "http://127.0.0.1:8080/introspect",
+        "http://localhost/x",
+        "http://[::1]/x",
+    ],
 )
 def test_https_endpoints_and_plain_http_to_loopback_are_accepted(url: str) -> None:
     assert check_endpoint(url) == url
