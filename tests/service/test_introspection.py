@@ -210,14 +210,21 @@ async def test_an_unreachable_authorization_server_is_unauthenticated_never_open
         assert await _refusal(facility, token) == "authorization server unreachable"
 
 
-@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (500, "authorization server error (HTTP 500)"),
+        (503, "authorization server error (HTTP 503)"),
+        (200, "authorization server sent an invalid answer"),  # a 200 that is not JSON
+    ],
+)
 async def test_an_authorization_server_error_is_unauthenticated(
-    plain_auth_server: AuthServer, tmp_path: Path, status: int
+    plain_auth_server: AuthServer, tmp_path: Path, status: int, reason: str
 ) -> None:
     token = plain_auth_server.issue("alice-app", SCOPE)
     plain_auth_server.fail_status = status
     async with introspecting(plain_auth_server, tmp_path) as facility:
-        assert await _refusal(facility, token) == f"authorization server error (HTTP {status})"
+        assert await _refusal(facility, token) == reason
 
 
 async def test_a_wrong_client_secret_is_unauthenticated_for_every_token(
