@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,11 +43,29 @@ class Settings(BaseSettings):
     data_bind: str = "0.0.0.0"
     # Held by one appliance at a time (a lock file in it); `s2cs` defaults to one per control port.
     state_dir: Path = DEFAULT_STATE_DIR
-    auth: Literal["none", "tokens", "jwt"] = "tokens"
+    auth: Literal["none", "tokens", "jwt", "introspection"] = "tokens"
     tokens_file: Path | None = None
     jwks_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    # `--auth introspection` (RFC 7662), e.g. Globus Auth: the endpoint, this appliance's client id and
+    # secret there (the secret from a 0600 file, or SCISTREAM_INTROSPECTION_CLIENT_SECRET; never a
+    # flag, which every user on the host could read), the scope every token must carry, the audience
+    # it must name (default: the client id), the claim that names the caller, callers who are admins,
+    # a CA file for the endpoint's certificate (default: the system's), the time an answer may take,
+    # and how long (at most) and how many answers are cached: a revoked token works that long.
+    introspection_endpoint: str | None = None
+    introspection_client_id: str | None = None
+    introspection_client_secret: SecretStr | None = None
+    introspection_client_secret_file: Path | None = None
+    introspection_scope: str | None = None
+    introspection_audience: str | None = None
+    introspection_identity: Literal["sub", "username"] = "sub"
+    introspection_admins: list[str] = Field(default_factory=list)
+    introspection_ca: Path | None = None
+    introspection_timeout: float = Field(default=5.0, gt=0, le=60)
+    introspection_cache_ttl: float = Field(default=60.0, ge=0, le=600)
+    introspection_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     insecure: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

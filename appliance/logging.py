@@ -12,7 +12,12 @@ import structlog
 
 # The HTTP/2 and gRPC libraries log every header they encode or decode at DEBUG, `authorization`
 # included: they stay at INFO even when the appliance logs at DEBUG.
-PROTOCOL_LOGGERS = ("hpack", "h2", "grpclib.protocol", "grpclib.client", "grpclib.server")
+# The same for the HTTP client of `--auth introspection` (its requests carry the client secret and a
+# token) and the OAuth library that drives it.
+PROTOCOL_LOGGERS = (
+    *("hpack", "h2", "grpclib.protocol", "grpclib.client", "grpclib.server"),
+    *("httpx2", "httpcore2", "authlib"),
+)
 
 # What a credential looks like on its way through a log line: our bearer tokens (sst_...), anything
 # after "Bearer", and JWTs (three base64url parts, the first two starting with eyJ, i.e. '{"').

@@ -5,7 +5,8 @@ what matters on the wire (written from reading scistream-proto 1.2.1, not copied
 
 - `client`: 1.2.1's `s2uc`. `req` runs in a thread; 0.5 s later `hello` (role always "PROD", the
   app's `remote_ip:port` list); the req's answer must come within 5 s; then `update`. Metadata is
-  `authorization: INVALID_TOKEN` when there is no token. It prints 1.2.1's lines (the uid line and
+  `authorization: INVALID_TOKEN` when there is no token, else the bare Globus access token (no
+  "Bearer " prefix). It prints 1.2.1's lines (the uid line and
   `Listeners: [...]`); unlike 1.2.1 it exits 1 on an error, so tests can tell.
 - `StandIn`: 1.2.1's `s2cs` as a client sees it. `req` registers its uid only once it is processed
   (`register_delay` stands for what runs first, e.g. 1.2.1's Globus token check) and waits up to 180 s
@@ -94,10 +95,16 @@ def request_and_hello(
 
 
 def inbound_request(
-    s2cs: str, cert: Path | None, uid: str, remote_ip: str, receiver_ports: str, num_conn: int = 5
+    s2cs: str,
+    cert: Path | None,
+    uid: str,
+    remote_ip: str,
+    receiver_ports: str,
+    num_conn: int = 5,
+    token: str | None = None,
 ) -> list[str]:
-    """`s2uc inbound_request`: the producer appliance's listeners."""
-    client = Client(s2cs, cert)
+    """`s2uc inbound_request`: the producer appliance's listeners (`token`: a Globus login's)."""
+    client = Client(s2cs, cert, token)
     try:
         receivers = [f"{remote_ip}:{port}" for port in receiver_ports.split(",")]
         answer = request_and_hello(client, uid, "PROD", num_conn, 10000, receivers)

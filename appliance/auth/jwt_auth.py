@@ -155,6 +155,9 @@ class JwtAuth:
             raise Unauthenticated("'sub' claim must be a non-empty string")
         return Principal(subject, _roles(claims))
 
+    async def close(self) -> None:
+        pass
+
     def _verify(self, token: str) -> dict[str, Any]:
         header = jwt.get_unverified_header(token)
         algorithm, kid = header.get("alg"), header.get("kid")

@@ -17,3 +17,6 @@ class NoAuth:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         return _EVERYONE
+
+    async def close(self) -> None:
+        pass

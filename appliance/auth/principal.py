@@ -34,13 +34,17 @@ class Principal:
 class Authenticator(Protocol):
     """Turns the `authorization` metadata of a call into a Principal."""
 
-    kind: str  # "none" | "tokens" | "jwt"
+    kind: str  # "none" | "tokens" | "jwt" | "introspection"
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind `authorization` (raw metadata value: "Bearer X", a bare token, or None).
 
         Raises Unauthenticated with a short reason that never contains the token.
         """
+        ...
+
+    async def close(self) -> None:
+        """Frees what the authenticator holds (connections); called once, when the appliance stops."""
         ...
 
 

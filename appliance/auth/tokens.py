@@ -143,6 +143,9 @@ class TokenFileAuth:
             raise Unauthenticated("invalid token")
         return found
 
+    async def close(self) -> None:
+        pass
+
 
 def add_token(tokens_file: Path, subject: str, roles: Sequence[str]) -> str:
     """Mint a token for `subject` with `roles`, record its hash in `tokens_file`, and return the token.

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import structlog
 from grpclib.client import Channel
 
 from appliance.api import scistream as legacy_api
+from appliance.auth.introspection_rules import GLOBUS_INTROSPECTION_ENDPOINT
 from appliance.control.channel import Trust, call, open_channel
 from appliance.errors import ApplianceError, InvalidArgument
 
@@ -29,6 +31,10 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 MOCK_UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"  # 1.2.1's fixed uid for `--mock True`
+# 1.2.1's s2cs Globus Auth: its default client id, and the scope its tokens must carry.
+LEGACY_CLIENT_ID = "c42c0dac-0a52-408e-a04f-5d31bfe0aef8"
+LEGACY_SCOPE = "https://auth.globus.org/scopes/{client_id}/scistream"
+SECRET_VARIABLE = "SCISTREAM_INTROSPECTION_CLIENT_SECRET"  # the secret without a flag or a file
 DEFAULT_RECEIVER_PORTS = "5074,5075,5076,37000,47000"  # 1.2.1's default destinations
 # 1.2.1's data-server types; all of them mean our (encrypted) default data plane here.
 LEGACY_TYPES = ("haproxy", "nginx", "stunnel", "stunnelsubprocess", "haproxysubprocess", "s2ds")
@@ -79,12 +85,15 @@ def server_flags(
     verbose: bool,
     advertise: str | None,
     state_dir: Path | None,
+    client_id: str = LEGACY_CLIENT_ID,
+    client_secret_file: Path | None = None,
 ) -> dict[str, Any]:
     """Settings flags (as `load_settings` takes them) for 1.2.1's s2cs options.
 
     As 1.2.1 does, s2cs listens on every address and hands out `listener_ip` (in listeners and its
     certificate); its state directory is one per control port, so that two s2cs on one host (1.2.1's
-    quickstart) never share one.
+    quickstart) never share one. A client secret means 1.2.1's Globus Auth: `--auth introspection`
+    (see `globus_flags`).
     """
     from appliance.config import DEFAULT_STATE_DIR, WILDCARDS  # here: s2uc needs none of the settings
 
@@ -100,12 +109,9 @@ def server_flags(
     if advertise is None and listener_ip not in WILDCARDS:
         advertise = listener_ip
     if auth is None:
-        if client_secret:
-            raise InvalidArgument(
-                "Globus authentication (--client_secret) is not available here; "
-                "pass --auth tokens --tokens-file FILE, or --auth jwt"
-            )
-        auth = "none"  # 1.2.1 without --client_secret checks no token
+        # 1.2.1 without --client_secret checks no token; with it, Globus Auth checks every token.
+        secret_given = client_secret or client_secret_file or SECRET_VARIABLE in os.environ
+        auth = "introspection" if secret_given else "none"
     cert, key = server_crt, server_key
     if cert is None and key is None and Path("server.crt").is_file() and Path("server.key").is_file():
         cert, key = Path("server.crt"), Path("server.key")  # 1.2.1's defaults, when they exist
@@ -120,7 +126,28 @@ def server_flags(
         "auth": auth,
         "insecure": True if not ssl else None,
         "log_level": "debug" if verbose else None,
+        **(globus_flags(client_id, client_secret, client_secret_file) if auth == "introspection" else {}),
     }
+
+
+def globus_flags(client_id: str, client_secret: str, client_secret_file: Path | None) -> dict[str, Any]:
+    """`--auth introspection` settings for 1.2.1's Globus Auth options, as its s2cs checks tokens:
+    at Globus Auth's introspection endpoint, with the scope `LEGACY_SCOPE` of `client_id`, and the
+    client id as the audience. SCISTREAM_INTROSPECTION_* variables still override the endpoint and
+    scope (a facility whose authorization server is not Globus)."""
+    if not client_id:
+        raise InvalidArgument("--client_id must not be empty")
+    return {
+        "introspection_client_id": client_id,
+        "introspection_client_secret": client_secret or None,
+        "introspection_client_secret_file": client_secret_file,
+        "introspection_endpoint": _unless_in_environment("endpoint", GLOBUS_INTROSPECTION_ENDPOINT),
+        "introspection_scope": _unless_in_environment("scope", LEGACY_SCOPE.format(client_id=client_id)),
+    }
+
+
+def _unless_in_environment(setting: str, value: str) -> str | None:
+    return None if f"SCISTREAM_INTROSPECTION_{setting.upper()}" in os.environ else value
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,9 +164,31 @@ def server_flags(
 @click.option("--mode", type=click.Choice(MODES), help="Data plane of 1.2.1 sessions [tls].")
 @click.option("--server_crt", "--server-crt", type=click.Path(path_type=Path), help="Control certificate.")
 @click.option("--server_key", "--server-key", type=click.Path(path_type=Path), help="Key of --server_crt.")
-@click.option("--client_id", "--client-id", default="", help="Accepted for 1.2.1 compatibility; unused.")
-@click.option("--client_secret", "--client-secret", default="", help="1.2.1 Globus auth (not available).")
-@click.option("--auth", type=click.Choice(["none", "tokens", "jwt"]), help="User authentication [none].")
+@click.option(
+    "--client_id",
+    "--client-id",
+    default=LEGACY_CLIENT_ID,
+    show_default=True,
+    help="Globus Auth client id of this s2cs (with --client_secret).",
+)
+@click.option(
+    "--client_secret",
+    "--client-secret",
+    default="",
+    help="Globus Auth client secret: tokens are checked by introspection (visible in ps: prefer the file).",
+)
+@click.option(
+    "--client-secret-file",
+    type=click.Path(path_type=Path),
+    help="0600 file holding the client secret (or SCISTREAM_INTROSPECTION_CLIENT_SECRET).",
+)
+@click.option(
+    "--auth",
+    type=click.Choice(["none", "tokens", "jwt", "introspection"]),
+    help="User authentication [none; introspection with a client secret].",
+)
+@click.option("--introspection-endpoint", help="Introspection endpoint instead of Globus Auth's (RFC 7662).")
+@click.option("--introspection-ca", type=click.Path(path_type=Path), help="CA file for that endpoint.")
 @click.option("--tokens-file", type=click.Path(path_type=Path), help="YAML file of hashed tokens.")
 @click.option("--advertise", help="Host peers and users reach this appliance at.")
 @click.option(
@@ -161,7 +210,10 @@ def s2cs(
     server_key: Path | None,
     client_id: str,
     client_secret: str,
+    client_secret_file: Path | None,
     auth: str | None,
+    introspection_endpoint: str | None,
+    introspection_ca: Path | None,
     tokens_file: Path | None,
     advertise: str | None,
     state_dir: Path | None,
@@ -197,9 +249,14 @@ def s2cs(
             verbose=verbose,
             advertise=advertise,
             state_dir=state_dir,
+            client_id=client_id,
+            client_secret_file=client_secret_file,
         )
+        if introspection_endpoint is not None:
+            flags["introspection_endpoint"] = introspection_endpoint
         settings = load_settings(
             **flags,
+            introspection_ca=introspection_ca,
             tokens_file=tokens_file,
             legacy_peer_ca=peer_cert,
             legacy_hello_timeout=hello_timeout,
@@ -209,6 +266,11 @@ def s2cs(
         _fail(exc.message, 2)
         return
     configure_logging(settings.log_format, settings.log_level)
+    if client_secret:
+        structlog.get_logger(__name__).warning(
+            "--client_secret on the command line is visible to every user of this host; "
+            "prefer --client-secret-file or SCISTREAM_INTROSPECTION_CLIENT_SECRET"
+        )
     _run(serve(settings))
 
 

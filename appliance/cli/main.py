@@ -149,13 +149,40 @@ def cli() -> None:
 @click.option("--port-range", help="Data ports FIRST-LAST [5100-5200].")
 @click.option("--data-bind", help="Address entry points and data endpoints bind to [0.0.0.0].")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="State directory [/var/lib/scistream].")
-@click.option("--auth", type=click.Choice(["none", "tokens", "jwt"]), help="User authentication [tokens].")
+@click.option(
+    "--auth",
+    type=click.Choice(["none", "tokens", "jwt", "introspection"]),
+    help="User authentication [tokens].",
+)
 @click.option(
     "--tokens-file", type=click.Path(path_type=Path), help="YAML file of hashed tokens (--auth tokens)."
 )
 @click.option("--jwks-file", type=click.Path(path_type=Path), help="JWKS file (--auth jwt).")
 @click.option("--jwt-issuer", help="Required JWT issuer.")
 @click.option("--jwt-audience", help="Required JWT audience.")
+@click.option(
+    "--introspection-endpoint",
+    help="RFC 7662 endpoint (--auth introspection), e.g. https://auth.globus.org/v2/oauth2/token/introspect.",
+)
+@click.option("--introspection-client-id", help="This appliance's client id at the authorization server.")
+@click.option(
+    "--introspection-client-secret-file",
+    type=click.Path(path_type=Path),
+    help="0600 file holding its client secret (or SCISTREAM_INTROSPECTION_CLIENT_SECRET).",
+)
+@click.option("--introspection-scope", help="Scope every token must carry.")
+@click.option("--introspection-audience", help="Audience tokens must name [the client id].")
+@click.option(
+    "--introspection-identity",
+    type=click.Choice(["sub", "username"]),
+    help="Claim that names the caller [sub].",
+)
+@click.option("--introspection-ca", type=click.Path(path_type=Path), help="CA file for the endpoint.")
+@click.option(
+    "--introspection-cache-ttl",
+    type=click.FloatRange(min=0, max=600),
+    help="Seconds an answer is reused; a revoked token works that long [60].",
+)
 @click.option("--insecure", is_flag=True, default=None, help="Plaintext control channel (development only).")
 @click.option(
     "--tls-cert", type=click.Path(path_type=Path), help="Control certificate (default: self-signed)."

@@ -16,7 +16,7 @@ from grpclib.health.service import Health
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server
 
-from appliance.auth import build_authenticator
+from appliance.auth import Authenticator, authenticator_from_settings
 from appliance.config import WILDCARDS, Settings
 from appliance.control.edge import guard
 from appliance.control.legacy import LegacyControlService, pin_peer_certificate, remember_client
@@ -82,6 +82,7 @@ class Appliance:
         self._store: SessionStore | None = None
         self._drivers = build_drivers(settings.workers, settings.peer_grace, settings.quic_max_packet_size)
         self._state_lock: StateDirLock | None = None
+        self._authenticator: Authenticator | None = None
         self._manager_started = self._serving = False
         self.fingerprint = ""
         self.loop_lag = LoopLagMonitor()
@@ -101,13 +102,7 @@ class Appliance:
         wireguard = build_wireguard_driver(s.wireguard_backend, s.wireguard_pool, s.state_dir, s.wireguard_go)
         if wireguard is not None:
             self._drivers[Mode.WIREGUARD] = wireguard
-        authenticator = build_authenticator(
-            s.auth,
-            tokens_file=s.tokens_file,
-            jwks_file=s.jwks_file,
-            issuer=s.jwt_issuer,
-            audience=s.jwt_audience,
-        )
+        self._authenticator = authenticator = authenticator_from_settings(s)
         if s.auth == "none":
             structlog.contextvars.bind_contextvars(auth="NO_AUTH")
             log.warning("NO_AUTH: authentication is disabled; anyone who reaches this port controls sessions")
@@ -189,6 +184,9 @@ class Appliance:
             await self.manager.stop()
         for driver in self._drivers.values():
             await driver.close()
+        if self._authenticator is not None:
+            await self._authenticator.close()
+            self._authenticator = None
         if self._store is not None:
             self._store.close()
         await self.loop_lag.stop()

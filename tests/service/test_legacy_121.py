@@ -4,29 +4,35 @@ as it does), and 1.2.1's s2uc flow (grpcio, same call order and metadata) agains
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from appliance.cli.client import Target, connect
-from appliance.cli.legacy import server_flags
+from appliance.cli.legacy import LEGACY_CLIENT_ID, LEGACY_SCOPE, server_flags
 from appliance.config import load_settings
 from appliance.control.channel import Trust
 from appliance.control.server import Appliance
-from appliance.errors import Unavailable
+from appliance.errors import ApplianceError, Unavailable
 from appliance.sessions.legacy import session_id_for
 from appliance.sessions.manager import SYSTEM
 from appliance.sessions.model import Side, State
 from quic_relay import generate_identity
 from tests import legacy121
+from tests.authserver import AuthServer
 
 from .conftest import Facility, echo_through, free_port_block, start_facility
 
 S2UC = Path(sys.executable).parent / "s2uc"
+S2CS = Path(sys.executable).parent / "s2cs"
 
 
 @pytest.fixture
@@ -170,3 +176,74 @@ async def test_a_start_that_fails_releases_the_state_dir(tmp_path: Path) -> None
             await start_facility(tmp_path, "f", listen=address)
     facility = await start_facility(tmp_path, "f")  # the same state directory: free again
     await facility.appliance.stop()
+
+
+@pytest.fixture
+def globus_like_server() -> Iterator[AuthServer]:
+    """A real authorization server standing in for Globus Auth: the s2cs's client (1.2.1's default
+    id) introspects; alice's app gets tokens with 1.2.1's scope for that client."""
+    server = AuthServer()
+    server.register(LEGACY_CLIENT_ID, resource_server=True)
+    scope = LEGACY_SCOPE.format(client_id=LEGACY_CLIENT_ID)
+    server.register("alice-app", scope=scope, subject="alice", audience=LEGACY_CLIENT_ID)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_s2cs_client_secret_checks_the_bare_tokens_of_the_1_2_1_client_by_introspection(
+    tmp_path: Path, globus_like_server: AuthServer
+) -> None:
+    """`s2cs --client_secret S` as 1.2.1 users run it (its default --client_id), pointed at a local
+    authorization server: the 1.2.1 client's bare token works, no token or a revoked one is
+    UNAUTHENTICATED, and the secret is not in the log."""
+    server = globus_like_server
+    secret = server.clients[LEGACY_CLIENT_ID].client_secret
+    token = server.issue("alice-app", LEGACY_SCOPE.format(client_id=LEGACY_CLIENT_ID))
+    base = free_port_block(3)
+    log_file = tmp_path / "s2cs.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCISTREAM_")}
+    with log_file.open("wb") as out:
+        s2cs = subprocess.Popen(
+            [S2CS, "--listener_ip", "127.0.0.1", "--port", str(base),
+             "--port_range", f"{base + 1}-{base + 2}", "--state-dir", tmp_path / "state",
+             "--client_secret", secret,
+             "--introspection-endpoint", server.introspection_endpoint],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    address, cert = f"127.0.0.1:{base}", tmp_path / "state" / "tls" / "control.crt"
+    try:
+        deadline = time.monotonic() + 30
+        while not await _serving(address, cert):
+            assert s2cs.poll() is None, log_file.read_text(errors="replace")
+            assert time.monotonic() < deadline, log_file.read_text(errors="replace")
+            await asyncio.sleep(0.2)
+        uid = "0e4a1c6a-9b5e-11ef-8a3b-0242ac120003"
+        listeners = await asyncio.to_thread(
+            legacy121.inbound_request, address, cert, uid, "127.0.0.1", "5001", 1, token
+        )
+        assert listeners == [f"127.0.0.1:{base + 1}"]
+        assert server.introspections >= 1
+        for refused in (None, "Bearer " + "x" * 20):
+            with pytest.raises(grpc.RpcError) as caught:
+                await asyncio.to_thread(legacy121.Client(address, cert, refused).release, uid)
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        await asyncio.to_thread(legacy121.Client(address, cert, token).release, uid)
+    finally:
+        os.killpg(s2cs.pid, signal.SIGTERM)
+        s2cs.wait(timeout=15)
+    text = log_file.read_text(errors="replace")
+    assert "--client_secret on the command line is visible" in text
+    assert secret not in text and token not in text
+
+
+async def _serving(address: str, cert: Path) -> bool:
+    if not cert.is_file():
+        return False
+    try:
+        async with connect(Target(address, Trust(ca_file=cert), None, timeout=2)) as client:
+            return await client.serving()
+    except ApplianceError:
+        return False

@@ -119,9 +119,9 @@ def test_s2cs_without_client_secret_checks_no_token_as_in_1_2_1() -> None:
     assert _flags()["auth"] == "none"
 
 
-def test_s2cs_client_secret_needs_one_of_our_authenticators() -> None:
-    with pytest.raises(InvalidArgument, match="--auth tokens"):
-        _flags(client_secret="s3cret")
+def test_s2cs_client_secret_means_globus_introspection_unless_auth_says_otherwise() -> None:
+    # Issue 14: 1.2.1's --client_secret (Globus Auth) maps to --auth introspection.
+    assert _flags(client_secret="s3cret")["auth"] == "introspection"
     assert _flags(client_secret="s3cret", auth="tokens")["auth"] == "tokens"
 
 
