@@ -36,7 +36,7 @@ PAGE_PATH = "/"
 DATA_PATH = "/api/sessions"
 
 
-def _page() -> tuple[bytes, str]:
+def load_page() -> tuple[bytes, str]:
     """The page and its Content-Security-Policy, which allows exactly its own inline script and
     style (by hash) and requests to this origin: injected markup could run nothing."""
     html = resources.files("appliance.statuspage").joinpath("page.html").read_text(encoding="utf-8")
@@ -92,7 +92,7 @@ class StatusPage:
         self._authenticator = authenticator
         self._interval = interval
         self._history = ThroughputHistory()
-        self._html, policy = _page()
+        self._html, policy = load_page()
         self._page_headers = {"content-security-policy": policy}
         self._http = HttpServer(self._handle, base_headers=_SECURITY_HEADERS)
         self._sampler: asyncio.Task[None] | None = None

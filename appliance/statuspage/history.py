@@ -46,16 +46,22 @@ class ThroughputHistory:
         self._points = points
         self._samples: dict[str, _Sample] = {}
         self._rates: dict[str, deque[Rate]] = {}
+        self._last: float | None = None  # time of the previous observation
 
     def observe(self, now: float, sessions: Iterable[Session]) -> None:
         """Records the counters of `sessions` at time `now`; forgets sessions that are not among them
         (ended and purged sessions stop costing memory). A `now` not after the previous one is ignored
-        for a session, so a clock step back never yields an infinite or negative rate."""
+        for a session, so a clock step back never yields an infinite or negative rate.
+
+        A session created since the previous observation had zero bytes when it was created, so its
+        first traffic counts from then: every byte a session carries shows in some rate."""
         seen: set[str] = set()
         for session in sessions:
             seen.add(session.session_id)
             sample = _Sample(now, session.bytes_in, session.bytes_out)
             previous = self._samples.get(session.session_id)
+            if previous is None and self._last is not None and session.created_at >= self._last:
+                previous = _Sample(session.created_at, 0, 0)
             if previous is not None and now <= previous.at:
                 continue
             self._samples[session.session_id] = sample
@@ -70,12 +76,14 @@ class ThroughputHistory:
                     _bps(previous.bytes_out, sample.bytes_out, seconds),
                 )
             )
+        self._last = now if self._last is None else max(self._last, now)
         for gone in self._samples.keys() - seen:
             del self._samples[gone]
             self._rates.pop(gone, None)
 
     def rates(self, session_id: str) -> list[Rate]:
-        """Oldest first; empty until the session has been observed twice."""
+        """Oldest first; empty until the session has been observed twice (once, if it was created
+        since the observation before)."""
         return list(self._rates.get(session_id, ()))
 
     def __len__(self) -> int:
