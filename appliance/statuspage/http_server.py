@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 MAX_HEAD = 16 * 1024  # request line and headers
 MAX_BODY = 16 * 1024  # read and dropped: no request here has a body, but a client may send one
 MAX_CONNECTIONS = 64
+# A client has this long to send a whole request (or, between requests, the next one) and to take a
+# response: one that trickles bytes cannot hold a connection slot for longer.
 IDLE_TIMEOUT = 30.0
 _READ = 64 * 1024
 
@@ -106,7 +108,7 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         while True:
             try:
-                request = await self._read_request(conn, reader)
+                request = await asyncio.wait_for(self._read_request(conn, reader), IDLE_TIMEOUT)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
@@ -114,7 +116,11 @@ class HttpServer:
                 return
             if request is None:
                 return
-            response = await self._handler(request)
+            try:
+                response = await self._handler(request)
+            except Exception:
+                log.exception("status page: the request failed", method=request.method)
+                response = text(500, "internal error (see the appliance log)")
             await self._send(conn, writer, request.method, response, close=False)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -127,8 +133,7 @@ class HttpServer:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(_READ), IDLE_TIMEOUT)
-                conn.receive_data(data)
+                conn.receive_data(await reader.read(_READ))
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 return None
@@ -172,5 +177,5 @@ class HttpServer:
         if method != "HEAD":
             writer.write(conn.send(h11.Data(data=response.body)))
         writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
         log.debug("status page request", method=method, status=response.status)
