@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from appliance.auth import add_token
+from appliance.config import load_settings
+from appliance.control.server import Appliance
 from appliance.errors import Unavailable
 
 from .conftest import Facility, echo_through, free_port_block, open_session, start_facility
@@ -235,17 +237,27 @@ async def test_an_insecure_appliance_serves_the_page_over_plain_http(tmp_path: P
 
 
 async def test_a_status_port_in_use_stops_the_start_and_frees_the_control_port(tmp_path: Path) -> None:
+    base = free_port_block(3)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
+    settings = load_settings(
+        listen=f"127.0.0.1:{base}",
+        port_range=f"{base + 1}-{base + 2}",
+        state_dir=tmp_path / "clash",
+        auth="none",
+        status_port=busy.getsockname()[1],
+    )
     try:
         with pytest.raises(Unavailable, match="status page"):
-            await start_facility(tmp_path, "clash", status_port=busy.getsockname()[1])
+            await Appliance(settings).start()
     finally:
         busy.close()
-    # Nothing half-started: the same state directory and a fresh port work at once.
-    again = await start_facility(tmp_path, "clash", status_port=free_port_block(1))
-    await again.appliance.stop()
+    with socket.socket() as control:  # nothing half-started holds the control port
+        control.bind(("127.0.0.1", base))
+    again = Appliance(settings.model_copy(update={"status_port": free_port_block(1)}))
+    await again.start()  # nor the state directory
+    await again.stop()
 
 
 def test_tokens_sent_to_the_page_never_reach_the_debug_log(tmp_path: Path) -> None:
