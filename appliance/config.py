@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int = 0
+    # The status page (a web page of sessions, same auth as the API, TLS unless --insecure); 0: off.
+    status_port: int = Field(default=0, ge=0, le=65535)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
     default_ttl: float = Field(default=24 * 3600, gt=0)

@@ -22,7 +22,7 @@ from appliance.control.edge import guard
 from appliance.control.legacy import LegacyControlService, pin_peer_certificate, remember_client
 from appliance.control.peer_client import GrpcPeerLink
 from appliance.control.services import ControlService, PeerService, authenticate_calls
-from appliance.control.tls import ensure_certificate, server_context
+from appliance.control.tls import ControlCertificate, ensure_certificate, server_context
 from appliance.dataplane.auto import QUIC_HANDSHAKE_TIMEOUT, AutoDriver
 from appliance.dataplane.base import Driver
 from appliance.dataplane.quic import QuicDriver
@@ -37,6 +37,7 @@ from appliance.sessions.model import Address, Mode
 from appliance.sessions.ports import PortAllocator
 from appliance.sessions.store import SessionStore
 from appliance.state_dir import StateDirLock, claim_state_dir
+from appliance.statuspage import StatusPage, http_context
 from quic_relay import RelayConfig
 
 log = structlog.get_logger(__name__)
@@ -79,6 +80,7 @@ class Appliance:
         self.server: Server | None = None
         self.manager: SessionManager | None = None
         self.legacy: LegacyCoordinator | None = None
+        self.status_page: StatusPage | None = None
         self._store: SessionStore | None = None
         self._drivers = build_drivers(settings.workers, settings.peer_grace, settings.quic_max_packet_size)
         self._state_lock: StateDirLock | None = None
@@ -106,7 +108,7 @@ class Appliance:
         if s.auth == "none":
             structlog.contextvars.bind_contextvars(auth="NO_AUTH")
             log.warning("NO_AUTH: authentication is disabled; anyone who reaches this port controls sessions")
-        ssl_context = None
+        ssl_context, cert = None, None
         if s.insecure:
             log.warning("INSECURE: the control channel is plaintext; use only for development")
         else:
@@ -158,6 +160,8 @@ class Appliance:
         self._serving = True
         if s.metrics_port:
             serve_metrics(self.manager, address.host, s.metrics_port, self.loop_lag)
+        if s.status_port:
+            await self._start_status_page(authenticator, cert)
         log.info(
             "appliance serving",
             listen=str(address),
@@ -166,6 +170,20 @@ class Appliance:
             auth=s.auth,
             port_range=str(s.ports),
         )
+
+    async def _start_status_page(self, authenticator: Authenticator, cert: ControlCertificate | None) -> None:
+        """The status page on the listen host's `status_port`, with TLS like the control port."""
+        assert self.manager is not None
+        s = self.settings
+        host, port = s.listen_address.host, s.status_port
+        page = StatusPage(self.manager, authenticator)
+        try:
+            sock = _every_address_socket(port) if host == "::" else None
+        except OSError as exc:
+            raise Unavailable(f"cannot serve the status page on port {port}: {exc.strerror}") from None
+        await page.start(host, port, ssl_context=http_context(cert) if cert else None, sock=sock)
+        self.status_page = page
+        log.info("status page serving", port=port, tls=cert is not None)
 
     async def stop(self) -> None:
         await self._teardown()
@@ -179,6 +197,9 @@ class Appliance:
             self._serving = False
             self.server.close()
             await self.server.wait_closed()
+        if self.status_page is not None:
+            await self.status_page.stop()
+            self.status_page = None
         if self.manager is not None and self._manager_started:
             self._manager_started = False
             await self.manager.stop()
