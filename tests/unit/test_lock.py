@@ -33,7 +33,7 @@ def _lockspec() -> ModuleType:
 
 
 def _pins(lock: Path) -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in lock.read_text().splitlines():
         if match := _PIN.match(line):
             pins[canonicalize_name(match[1])] = match[2]
