@@ -166,7 +166,7 @@ class RelayClient:
         local: tuple[str, int] = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         quic = RelayQuicConnection(configuration=self.quic_config)
         protocol = _ClientProtocol(quic, self)
-        sock = open_socket(local, family)
+        sock = open_socket(local, family, lane=self.config.lane)
         raise_buffers(sock, UDP_RECEIVE_BUFFER, send=True)
         transport = DatagramSocket(
             sock, protocol.receive, protocol.transmit, gso=self.config.gso, gro=self.config.gro
@@ -226,8 +226,11 @@ class RelayClient:
         it has one."""
         return None if self.connected else self._absent_since
 
-    async def add_tcp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
-        """Listen on host:port; each connection is relayed to destination `dest_index`."""
+    async def add_tcp_entry(
+        self, host: str, port: int, dest_index: int, *, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Listen on host:port (or on `sock`, bound and listening already); each connection is
+        relayed to destination `dest_index`."""
 
         def make_bridge() -> StreamBridge:
             return StreamBridge(
@@ -236,17 +239,27 @@ class RelayClient:
                 on_connected=lambda bridge: self._attach(bridge, dest_index),
             )
 
-        server = await asyncio.get_running_loop().create_server(make_bridge, host, port)
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            server = await loop.create_server(make_bridge, host, port)
+        else:
+            server = await loop.create_server(make_bridge, sock=sock)
         self._tcp_servers.append(server)
         sockname = server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
-    async def add_udp_entry(self, host: str, port: int, dest_index: int) -> tuple[str, int]:
-        """Bind a UDP socket on host:port; each source address is one flow to `dest_index`."""
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-        )
-        entry = UdpEntry(self.flows, dest_index, open_socket(infos[0][4], infos[0][0]))
+    async def add_udp_entry(
+        self, host: str, port: int, dest_index: int, *, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Bind a UDP socket on host:port (or use `sock`, bound already); each source address is one
+        flow to `dest_index`."""
+        if sock is None:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+            )
+            sock = open_socket(infos[0][4], infos[0][0])
+        sock.setblocking(False)
+        entry = UdpEntry(self.flows, dest_index, sock)
         self._udp_entries.append(entry)
         sockname = entry.transport.get_extra_info("sockname")
         return str(sockname[0]), int(sockname[1])

@@ -22,3 +22,6 @@ class RelayConfig:
     gso: bool = True  # send runs of packets with one UDP_SEGMENT sendmsg where the kernel can
     gro: bool = True  # receive them coalesced (UDP_GRO) where the kernel can
     connect_timeout: float = 10.0  # producer side: TCP connect to destination
+    # Client: send from a port of this lane (lanes.py), so that a server running one process per
+    # lane serves this connection in its own process. None: any port.
+    lane: int | None = None

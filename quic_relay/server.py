@@ -261,18 +261,21 @@ class RelayServer:
         server_name: str,
         destinations: Sequence[tuple[str, int]],
         config: RelayConfig | None = None,
+        sock: socket.socket | None = None,
     ) -> RelayServer:
-        """Bind the UDP port and start accepting. No client is accepted before `authorize()`."""
+        """Bind the UDP port (or take `sock`, bound already) and start accepting. No client is
+        accepted before `authorize()`."""
         server = cls(
             identity=identity,
             server_name=server_name,
             destinations=destinations,
             config=config or RelayConfig(),
         )
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-        family, local = infos[0][0], infos[0][4]
-        sock = open_socket(local, family)
+        if sock is None:
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+            sock = open_socket(infos[0][4], infos[0][0])
+        sock.setblocking(False)
         raise_buffers(sock, UDP_RECEIVE_BUFFER, send=True)
         server._endpoint.open(sock)
         logger.info("relay server listening on %s:%d", *server.local_address)

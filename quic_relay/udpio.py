@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .lanes import bind_lane
+
 logger = logging.getLogger("quic_relay")
 
 Address = tuple[Any, ...]
@@ -300,15 +302,19 @@ class DatagramSocket(asyncio.DatagramTransport):
             self._received_all()
 
 
-def open_socket(local: Address, family: int) -> socket.socket:
-    """A bound, non-blocking UDP socket for a QUIC endpoint."""
+def open_socket(local: Address, family: int, *, lane: int | None = None) -> socket.socket:
+    """A bound, non-blocking UDP socket for a QUIC endpoint; with `lane`, on a port of that lane
+    (lanes.py), whatever port `local` names."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if family == socket.AF_INET6:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(local)
+        if lane is None:
+            sock.bind(local)
+        else:
+            bind_lane(sock, str(local[0]), lane)
     except BaseException:
         sock.close()
         raise

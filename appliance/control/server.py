@@ -63,9 +63,11 @@ def build_drivers(
     quic_max_packet_size: int = RelayConfig.max_datagram_size,
 ) -> dict[Mode, Driver]:
     quic_config = RelayConfig(max_datagram_size=quic_max_packet_size)
-    quic = QuicDriver(quic_config)
+    quic = QuicDriver(quic_config, workers)
     tls = TlsDriver(workers, probe_interval=tls_probe_interval(peer_grace))
-    fallback = AutoDriver(QuicDriver(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls)
+    fallback = AutoDriver(
+        quic.with_config(replace(quic_config, handshake_timeout=QUIC_HANDSHAKE_TIMEOUT)), tls
+    )
     return {Mode.QUIC: quic, Mode.TLS: tls, Mode.AUTO: fallback}
 
 
@@ -147,6 +149,8 @@ class Appliance:
         listen(self.server, RecvRequest, authenticate_calls(authenticator))
         listen(self.server, RecvRequest, remember_client)
         self.loop_lag.start()
+        for driver in dict.fromkeys(self._drivers.values()):
+            await driver.start()
         await self.manager.start()
         self._manager_started = True
         address = s.listen_address

@@ -147,5 +147,8 @@ class Driver(abc.ABC):
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         """Reaches the producer side's data endpoint and binds the entry points."""
 
+    async def start(self) -> None:  # noqa: B027 - only drivers with processes of their own need it
+        """Starts what the driver runs for all sessions, before any session opens or is restored."""
+
     async def close(self) -> None:  # noqa: B027 - only drivers with processes of their own need it
         """Stops what the driver runs for all sessions (after every tunnel is closed)."""

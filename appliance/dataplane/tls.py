@@ -8,72 +8,18 @@ each TCP connection at an entry point becomes one TLS connection to the producer
 from __future__ import annotations
 
 import socket
-import time
 
-from appliance.dataplane.base import ConsumerPlan, Counters, Driver, ProducerPlan, Tunnel
+from appliance.dataplane.base import ConsumerPlan, Driver, ProducerPlan, Tunnel
+from appliance.dataplane.pooled import PooledTunnel
 from appliance.dataplane.quic import public
+from appliance.dataplane.sockets import bind_group, bind_socket
 from appliance.dataplane.tlsrelay import messages
 from appliance.dataplane.tlsrelay.pool import WorkerError, WorkerPool
-from appliance.dataplane.tlsrelay.sessions import BACKLOG, ConsumerSpec, ProducerSpec
+from appliance.dataplane.tlsrelay.sessions import ConsumerSpec, ProducerSpec
 from appliance.dataplane.tlsrelay.wire import Kind
 from appliance.errors import Unavailable
 from appliance.sessions.model import Address, Mode, Protocol
 from appliance.sessions.ports import TCP, UDP, PortAllocator
-
-
-def _bind(host: str, port: int, kind: socket.SocketKind, *, shared: bool = False) -> socket.socket:
-    """A bound (and, for TCP, listening) socket; `shared` ones may be bound again to the same port, by
-    this user only, and the kernel spreads new connections across them (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if shared:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        if kind == TCP:
-            sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class _TlsTunnel(Tunnel):
-    def __init__(
-        self, pool: WorkerPool, session_id: str, addresses: tuple[Address, ...], *, consumer: bool
-    ) -> None:
-        self._pool = pool
-        self._session_id = session_id
-        self._addresses = addresses
-        self._closed = False
-        # The producer side expects its peer once it is authorized; the consumer side at once.
-        self._expecting_since: float | None = time.monotonic() if consumer else None
-
-    @property
-    def addresses(self) -> tuple[Address, ...]:
-        return self._addresses
-
-    def counters(self) -> Counters:
-        values = self._pool.counters(self._session_id)
-        return Counters(bytes_in=values[0], bytes_out=values[1])
-
-    def authorize(self, peer_cert_pem: bytes) -> None:
-        self._pool.authorize(self._session_id, peer_cert_pem)
-        self._expecting_since = time.monotonic()
-
-    def peer_absent_for(self) -> float | None:
-        """Since the peer side last made (consumer side: accepted) a tunnel connection or probe, or
-        had one open; the consumer side probes every `probe_interval` while no connection is made."""
-        if self._closed or self._expecting_since is None:
-            return None
-        seen = max(self._pool.peer_seen(self._session_id), self._expecting_since)
-        return time.monotonic() - seen
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._pool.close_session(self._session_id)
 
 
 class TlsDriver(Driver):
@@ -103,7 +49,7 @@ class TlsDriver(Driver):
         )
         await self._open(plan.session_id, ports, "producer", spec, {i: [s] for i, s in enumerate(socks)})
         endpoint = (public(ports.bind_host, port, advertise_host),)
-        return _TlsTunnel(self.pool, plan.session_id, endpoint, consumer=False)
+        return PooledTunnel(self.pool, plan.session_id, endpoint, consumer=False)
 
     async def open_consumer(self, plan: ConsumerPlan, ports: PortAllocator, advertise_host: str) -> Tunnel:
         endpoint = plan.data_endpoints[-1]  # in auto mode the QUIC endpoint comes first
@@ -125,7 +71,7 @@ class TlsDriver(Driver):
                         for i, sock in enumerate(self._listeners(host, port)):
                             socks[i].append(sock)
                     else:
-                        socks[workers[0]].append(_bind(host, port, kind))
+                        socks[workers[0]].append(bind_socket(host, port, kind))
                 except OSError as exc:
                     raise Unavailable(f"cannot bind entry point {host}:{port}: {exc.strerror}") from None
                 entry_points.append(public(host, port, advertise_host))
@@ -147,7 +93,7 @@ class TlsDriver(Driver):
             probe_interval=self._probe_interval,
         )
         await self._open(plan.session_id, ports, "consumer", spec, socks)
-        return _TlsTunnel(self.pool, plan.session_id, tuple(entry_points), consumer=True)
+        return PooledTunnel(self.pool, plan.session_id, tuple(entry_points), consumer=True)
 
     async def _open(
         self,
@@ -165,15 +111,7 @@ class TlsDriver(Driver):
 
     def _listeners(self, host: str, port: int) -> list[socket.socket]:
         """One listening socket on `port` per relay process."""
-        socks: list[socket.socket] = []
-        try:
-            for _ in range(self.pool.size):
-                socks.append(_bind(host, port, TCP, shared=True))
-        except OSError:
-            for sock in socks:
-                sock.close()
-            raise
-        return socks
+        return bind_group(host, port, TCP, self.pool.size)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -255,14 +255,18 @@ class Campaign:
         processes = _processes(facility)
         found += [f"wireguard-go pid {pid}" for pid, argv in processes if argv[:1] == ["wireguard-go"]]
         owner = appliance.process.pid if appliance.process else -1
-        relays = [pid for pid, argv in processes if "appliance.dataplane.tlsrelay.worker" in argv]
+        relays = {
+            module: [pid for pid, argv in processes if module in argv]
+            for module in ("appliance.dataplane.tlsrelay.worker", "appliance.dataplane.quicworker")
+        }
         found += [
             f"stray process pid {pid}: {' '.join(argv)[:80]}"
             for pid, argv in processes
             if pid not in (owner, self.echo_pid) and argv[:1] != ["wireguard-go"] and _parent(pid) != owner
         ]
-        if len(relays) > (os.cpu_count() or 1):  # the appliances run with the default --workers
-            found.append(f"{len(relays)} relay processes, more than --workers")
+        for module, pids in relays.items():  # the appliances run with the default --workers
+            if len(pids) > (os.cpu_count() or 1):
+                found.append(f"{len(pids)} relay processes ({module}), more than --workers")
         links = host_run("ip", "-n", facility.ns, "-o", "link", "show").stdout
         found += [
             f"interface {line.split(':')[1].strip()}" for line in links.splitlines() if f": {PREFIX}" in line

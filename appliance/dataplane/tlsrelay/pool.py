@@ -49,11 +49,15 @@ class _Worker:
     waiters: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     counters: dict[str, list[int]] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # session → peer last seen (monotonic)
+    gauges: dict[str, int] = field(default_factory=dict)  # session → QUIC packet size in use
 
 
 class WorkerPool:
-    def __init__(self, size: int = 0) -> None:
+    """`size` relay processes (0: one per core), each `python -m MODULE FD`."""
+
+    def __init__(self, size: int = 0, module: str = "appliance.dataplane.tlsrelay.worker") -> None:
         self.size = size if size > 0 else (os.cpu_count() or 1)
+        self._module = module
         self._workers: list[_Worker | None] = [None] * self.size
         self._sessions: dict[str, _Registration] = {}
         self._retired: dict[str, list[int]] = {}  # counters of relay processes that died
@@ -104,6 +108,7 @@ class WorkerPool:
             if worker is not None:
                 worker.counters.pop(session_id, None)
                 worker.seen.pop(session_id, None)
+                worker.gauges.pop(session_id, None)
         for socks in registration.socks.values():
             for sock in socks:
                 sock.close()
@@ -122,6 +127,20 @@ class WorkerPool:
         """time.monotonic() when a relay process last saw the session's peer side (0: never)."""
         return max((w.seen.get(session_id, 0.0) for w in self._workers if w is not None), default=0.0)
 
+    def counters_by_process(self, session_id: str) -> dict[int, list[int]]:
+        """The session's counters in each running relay process that reported some (by index)."""
+        return {
+            w.index: list(w.counters[session_id])
+            for w in self._workers
+            if w is not None and session_id in w.counters
+        }
+
+    def gauge(self, session_id: str) -> int:
+        """The smallest value other than 0 the session's relay processes report for it (QUIC: the
+        packet size; a connection that met a black hole shows, though the others may be idle)."""
+        values = [w.gauges.get(session_id, 0) for w in self._workers if w is not None]
+        return min((v for v in values if v), default=0)
+
     @property
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w is not None]
@@ -138,6 +157,15 @@ class WorkerPool:
 
     # ---- processes -------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Starts the relay processes now rather than at the first session, and waits until each
+        answers: the first session then finds them ready."""
+        await self._ensure_started()
+        try:
+            await asyncio.gather(*(self._call(i, {"op": "ping"}) for i in range(self.size)))
+        except WorkerError as exc:
+            raise WorkerError(f"a relay process did not start: {exc}") from None
+
     async def _ensure_started(self) -> None:
         async with self._start_lock:
             for index in range(self.size):
@@ -148,7 +176,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "appliance.dataplane.tlsrelay.worker", str(theirs.fileno())],
+                [sys.executable, "-m", self._module, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -180,6 +208,7 @@ class WorkerPool:
             if message.get("op") == "counters":
                 worker.counters.update(message["sessions"])
                 worker.seen.update(message.get("seen", {}))
+                worker.gauges.update(message.get("gauges", {}))
             else:
                 waiter = worker.waiters.pop(message.get("id", 0), None)
                 if waiter is not None and not waiter.done():
@@ -204,10 +233,20 @@ class WorkerPool:
         for session_id, registration in list(self._sessions.items()):
             if replacement.index in registration.workers:
                 with contextlib.suppress(WorkerError):
-                    await self._start_session(replacement.index, session_id, registration)
+                    await self._start_session(replacement.index, session_id, registration, replay=True)
 
-    async def _start_session(self, index: int, session_id: str, registration: _Registration) -> None:
-        message = {"op": registration.op, "session": session_id, "spec": registration.spec}
+    async def _start_session(
+        self, index: int, session_id: str, registration: _Registration, *, replay: bool = False
+    ) -> None:
+        """`replay`: the relay process restarts a session it ran before it died, without waiting
+        for the peer side."""
+        message: dict[str, Any] = {
+            "op": registration.op,
+            "session": session_id,
+            "spec": registration.spec,
+            "worker": index,
+            "replay": replay,
+        }
         if registration.peer_cert:
             message["spec"] = {**registration.spec, "peer_cert_pem": _b64(registration.peer_cert)}
         await self._call(index, message, [s.fileno() for s in registration.socks[index]])

@@ -23,7 +23,6 @@ logger = logging.getLogger("scistream.tlsrelay")
 
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
-BACKLOG = 4096
 FAILED = (OSError, TimeoutError, ValueError)  # ssl.SSLError and ConnectionError are OSErrors
 
 
