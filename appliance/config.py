@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     # The status page (a web page of sessions, same auth as the API, TLS unless --insecure); 0: off.
     status_port: int = Field(default=0, ge=0, le=65535)
+    # grpc.health.v1 alone, in plaintext, for probes that cannot speak TLS (Kubernetes); 0 = off.
+    health_port: int = Field(default=0, ge=0, le=65535)
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
     default_ttl: float = Field(default=24 * 3600, gt=0)

@@ -190,6 +190,11 @@ def cli() -> None:
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Key of --tls-cert.")
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--status-port", type=int, help="Serve the status page (a web page of sessions) on this port.")
+@click.option(
+    "--health-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Also serve grpc.health.v1 alone, in plaintext, on this port (Kubernetes gRPC probes) [0: off].",
+)
 @click.option("--workers", type=click.IntRange(min=0), help="TLS mode relay processes [0: one per core].")
 @click.option(
     "--quic-max-packet-size",

@@ -78,6 +78,7 @@ class Appliance:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.server: Server | None = None
+        self.health_server: Server | None = None  # plaintext grpc.health.v1 alone (--health-port)
         self.manager: SessionManager | None = None
         self.legacy: LegacyCoordinator | None = None
         self.status_page: StatusPage | None = None
@@ -158,6 +159,17 @@ class Appliance:
         except OSError as exc:
             raise Unavailable(f"cannot listen on {address}: {exc.strerror}") from None
         self._serving = True
+        if s.health_port:
+            # Kubernetes' native gRPC probes speak no TLS: health alone, in plaintext, on its own port.
+            self.health_server = Server(guard([health]))
+            try:
+                if address.host == "::":
+                    await self.health_server.start(sock=_every_address_socket(s.health_port))
+                else:
+                    await self.health_server.start(address.host, s.health_port, reuse_address=True)
+            except OSError as exc:
+                self.health_server = None
+                raise Unavailable(f"cannot listen on health port {s.health_port}: {exc.strerror}") from None
         if s.metrics_port:
             serve_metrics(self.manager, address.host, s.metrics_port, self.loop_lag)
         if s.status_port:
@@ -193,6 +205,10 @@ class Appliance:
         """Stops what `start` got to (also after a failed start), then releases the state directory."""
         if self.legacy is not None:
             await self.legacy.stop()  # first: it ends requests still waiting for their hello
+        if self.health_server is not None:
+            self.health_server.close()  # probes fail from here on: the appliance is going away
+            await self.health_server.wait_closed()
+            self.health_server = None
         if self.server is not None and self._serving:
             self._serving = False
             self.server.close()
