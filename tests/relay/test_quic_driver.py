@@ -16,7 +16,7 @@ from appliance.dataplane.quic import QuicDriver
 from appliance.sessions.model import Protocol
 from appliance.sessions.ports import PortAllocator, PortRange
 from quic_relay import RelayConfig
-from tests.tlsrelay.test_tls_driver import HOST, Destination, Echo, Session, credentials, exchange
+from tests.tlsrelay.test_tls_driver import HOST, Echo, Session, credentials, exchange, open_session
 
 CONFIG = RelayConfig(idle_timeout=5.0, handshake_timeout=3.0)
 
@@ -26,23 +26,6 @@ async def driver() -> AsyncIterator[QuicDriver]:
     d = QuicDriver(CONFIG, workers=2)
     yield d
     await d.close()
-
-
-async def open_session(
-    driver: QuicDriver,
-    protocol: Protocol = Protocol.TCP,
-    num_conn: int = 1,
-    destination: Destination | None = None,
-) -> Session:
-    destination = destination or Destination()
-    dest = await destination.start()
-    ports = PortAllocator(PortRange(21000, 21999), HOST)
-    pc, cc = credentials("producer"), credentials("consumer")
-    producer = await driver.open_producer(ProducerPlan("p", protocol, (dest,), pc), ports, HOST)
-    producer.authorize(cc.cert_pem)
-    plan = ConsumerPlan("c", protocol, cc, pc.cert_pem, pc.server_name, producer.addresses, 1, num_conn)
-    consumer = await driver.open_consumer(plan, ports, HOST)
-    return Session(producer, consumer, pc, cc, destination)
 
 
 async def _stream(session: Session, seed: int) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from appliance.dataplane.base import ConsumerPlan, Credentials, ProducerPlan, Tunnel
+from appliance.dataplane.base import ConsumerPlan, Credentials, Driver, ProducerPlan, Tunnel
 from appliance.dataplane.tls import TlsDriver
 from appliance.dataplane.tlsrelay import contexts
 from appliance.dataplane.tlsrelay.wire import Kind, encode_header, frame_chunks
@@ -134,7 +134,7 @@ class Firehose(Destination):
 
 
 async def open_session(
-    driver: TlsDriver,
+    driver: Driver,
     protocol: Protocol = Protocol.TCP,
     num_conn: int = 1,
     destination: Destination | None = None,
